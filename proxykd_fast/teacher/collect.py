@@ -1,0 +1,269 @@
+"""Collect teacher completions for a prompts file into a resumable, append-only JSONL dataset."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from .client import FatalAPIError, Mode, RetryPolicy, TeacherClient
+from .progress import ProgressBar, Stats
+from .prompts import PromptsError, format_bad_lines, prompt_hash, read_prompts
+from .records import RecordFormat, Unit, build_failure, build_record
+from .store import OutputDir, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class CollectError(RuntimeError):
+    """A run that cannot start or must stop: bad input, locked output, auth, unknown model, no server."""
+
+
+@dataclass
+class CollectConfig:
+    """Everything a collection run needs; the CLI flags map one to one onto these fields."""
+
+    prompts: Path | str
+    out: Path | str
+    base_url: str
+    model: str
+    n_per_prompt: int = 1
+    concurrency: int = 8
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 60.0
+    max_retries: int = 6
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    max_retry_after: float = 60.0
+    mode: Mode = "chat"
+    on_bad_line: Literal["skip", "error"] = "error"
+    price_input_per_1k: float = 0.0
+    price_output_per_1k: float = 0.0
+    format: RecordFormat = "prompt_completion"
+    progress: bool = True
+    fsync_every: int = 8
+    check_model: bool = True
+    allow_config_change: bool = False
+
+    def run_info(self) -> dict[str, Any]:
+        """Settings that change what the teacher answers; a resumed run must not change them."""
+        return {
+            "model": self.model,
+            "mode": self.mode,
+            "format": self.format,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+
+    def request_params(self, sample_index: int) -> dict[str, Any]:
+        """Per-request sampling parameters; the seed is offset by the sample index so samples differ."""
+        params: dict[str, Any] = {}
+        if self.max_tokens is not None:
+            params["max_tokens"] = self.max_tokens
+        if self.temperature is not None:
+            params["temperature"] = self.temperature
+        if self.top_p is not None:
+            params["top_p"] = self.top_p
+        if self.seed is not None:
+            params["seed"] = self.seed + sample_index
+        return params
+
+
+@dataclass
+class CollectSummary:
+    """What a run did; `failed == 0` means every unit of the prompts file now has a record."""
+
+    out_dir: str
+    prompts: int = 0
+    bad_lines: int = 0
+    duplicates: int = 0
+    units_total: int = 0
+    already_done: int = 0
+    completed: int = 0
+    failed: int = 0
+    retries: int = 0
+    retry_reasons: dict[str, int] = field(default_factory=dict)
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    elapsed_s: float = 0.0
+    repaired_bytes: int = 0
+
+    @property
+    def remaining(self) -> int:
+        """Units still without a record after this run."""
+        return self.units_total - self.already_done - self.completed
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-dict form, for JSON output."""
+        return asdict(self)
+
+    def format(self) -> str:
+        """Human-readable multi-line summary."""
+        rate = self.completed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        lines = [
+            f"collection summary for {self.out_dir}",
+            f"  prompts: {self.prompts} (bad lines: {self.bad_lines}, duplicates: {self.duplicates})",
+            f"  units: {self.units_total} total, {self.already_done} already done, "
+            f"{self.completed} completed now, {self.failed} failed, {self.remaining} remaining",
+            f"  retries: {self.retries}"
+            + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.retry_reasons.items()))})" if self.retries else ""),
+            f"  tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion, "
+            f"estimated cost {self.cost:.4f}",
+            f"  time: {self.elapsed_s:.2f} s ({rate:.2f} req/s)",
+        ]
+        if self.failure_reasons:
+            lines.append("  failures: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.failure_reasons.items())))
+        if self.repaired_bytes:
+            lines.append(f"  repaired a truncated last line ({self.repaired_bytes} bytes dropped)")
+        return "\n".join(lines)
+
+
+def plan_units(config: CollectConfig, summary: CollectSummary) -> list[Unit]:
+    """Read the prompts file and expand it into unique (prompt, sample) units."""
+    if config.n_per_prompt < 1:
+        raise CollectError("--n-per-prompt must be at least 1")
+    try:
+        pf = read_prompts(config.prompts, config.mode)
+    except PromptsError as exc:
+        raise CollectError(str(exc)) from None
+    summary.bad_lines = len(pf.bad_lines)
+    if pf.bad_lines:
+        report = format_bad_lines(pf.path, pf.bad_lines)
+        if config.on_bad_line == "error":
+            raise CollectError(
+                f"{len(pf.bad_lines)} malformed line(s) in the prompts file "
+                f"(use --on-bad-line skip to skip them):\n{report}"
+            )
+        log.warning("skipping %d malformed line(s):\n%s", len(pf.bad_lines), report)
+    summary.prompts = len(pf.items)
+    units: list[Unit] = []
+    seen: set[str] = set()
+    for item in pf.items:
+        for k in range(config.n_per_prompt):
+            h = prompt_hash(item.prompt, k)
+            if h in seen:
+                summary.duplicates += k == 0
+                continue
+            seen.add(h)
+            units.append(Unit(item.prompt, item.prompt_id, k, h, item.line_no))
+    if not units:
+        raise CollectError(f"no usable prompts in {config.prompts}")
+    summary.units_total = len(units)
+    return units
+
+
+async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, stats: Stats, bar: ProgressBar) -> None:
+    """Drive `concurrency` workers over the pending units until done or a fatal error."""
+    policy = RetryPolicy(
+        max_retries=config.max_retries,
+        timeout=config.timeout,
+        backoff_base=config.backoff_base,
+        backoff_max=config.backoff_max,
+        max_retry_after=config.max_retry_after,
+    )
+    client = TeacherClient(
+        config.base_url, config.model, mode=config.mode, api_key_env=config.api_key_env, policy=policy
+    )
+    fatal: list[str] = []
+
+    def on_retry(reason: str, delay: float) -> None:
+        stats.retries += 1
+        stats.retry_reasons[reason] += 1
+        bar.refresh()
+
+    async def worker() -> None:
+        for unit in units:
+            if fatal:
+                return
+            stats.retrying_now += 0
+            outcome = await client.complete(unit.prompt, config.request_params(unit.sample_index), on_retry)
+            if outcome.completion is not None:
+                record = build_record(
+                    unit,
+                    outcome.completion,
+                    mode=config.mode,
+                    fmt=config.format,
+                    model=config.model,
+                    attempts=outcome.attempts,
+                    latency_s=outcome.latency_s,
+                )
+                store.records.write(record)
+                stats.completed += 1
+                stats.add_usage(outcome.completion.usage)
+                bar.refresh(advance=1)
+                continue
+            failure = outcome.failure
+            assert failure is not None
+            if failure.kind == "fatal":
+                fatal.append(failure.reason)
+                return
+            store.failures.write(build_failure(unit, failure, outcome.attempts, outcome.retry_reasons))
+            stats.failed += 1
+            stats.failure_reasons[failure.reason] += 1
+            bar.refresh(advance=1)
+
+    try:
+        if config.check_model:
+            await client.check_model()
+        await asyncio.gather(*(worker() for _ in range(max(1, config.concurrency))))
+    except FatalAPIError as exc:
+        fatal.append(str(exc))
+    finally:
+        await client.close()
+    if fatal:
+        raise CollectError(fatal[0])
+
+
+class _RetryTracker:
+    """Wraps the retry callback so `Stats.retrying_now` counts units sleeping before a retry."""
+
+
+def collect(config: CollectConfig) -> CollectSummary:
+    """Collect every pending unit of `config.prompts` into `config.out`; safe to re-run after a kill."""
+    start = time.monotonic()
+    summary = CollectSummary(out_dir=str(config.out))
+    units = plan_units(config, summary)
+    store = OutputDir(config.out, fsync_every=config.fsync_every)
+    try:
+        done = store.open(config.run_info(), allow_config_change=config.allow_config_change)
+    except StoreError as exc:
+        raise CollectError(str(exc)) from None
+    try:
+        summary.repaired_bytes = store.repaired_bytes
+        pending = [u for u in units if u.prompt_hash not in done]
+        summary.already_done = len(units) - len(pending)
+        stats = Stats(config.price_input_per_1k, config.price_output_per_1k)
+        if pending:
+            bar = ProgressBar(stats, total=len(units), initial=summary.already_done, enabled=config.progress)
+            try:
+                asyncio.run(_run(config, iter(pending), store, stats, bar))
+            finally:
+                bar.close()
+                _fill_summary(summary, stats)
+    finally:
+        store.close()
+        summary.elapsed_s = time.monotonic() - start
+    return summary
+
+
+def _fill_summary(summary: CollectSummary, stats: Stats) -> None:
+    """Copy the live counters into the summary."""
+    summary.completed = stats.completed
+    summary.failed = stats.failed
+    summary.retries = stats.retries
+    summary.retry_reasons = dict(stats.retry_reasons)
+    summary.failure_reasons = dict(stats.failure_reasons)
+    summary.prompt_tokens = stats.prompt_tokens
+    summary.completion_tokens = stats.completion_tokens
+    summary.cost = stats.cost

@@ -1,0 +1,82 @@
+"""Live counters for a collection run and the tqdm bar that shows them."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+
+@dataclass
+class Stats:
+    """Running totals: done, failed, retries (by reason), units now waiting to retry, tokens, cost."""
+
+    price_input_per_1k: float = 0.0
+    price_output_per_1k: float = 0.0
+    completed: int = 0
+    failed: int = 0
+    retries: int = 0
+    retrying_now: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retry_reasons: Counter = field(default_factory=Counter)
+    failure_reasons: Counter = field(default_factory=Counter)
+
+    @property
+    def cost(self) -> float:
+        """Estimated spend in the price unit (per 1k tokens) of the configured prices."""
+        return (
+            self.prompt_tokens * self.price_input_per_1k + self.completion_tokens * self.price_output_per_1k
+        ) / 1000.0
+
+    def add_usage(self, usage: dict[str, int]) -> None:
+        """Count the tokens of one completed request."""
+        self.prompt_tokens += usage.get("prompt_tokens", 0)
+        self.completion_tokens += usage.get("completion_tokens", 0)
+
+
+class ProgressBar:
+    """A tqdm bar over all units whose postfix shows done/failed/retrying, tokens and cost."""
+
+    def __init__(self, stats: Stats, total: int, initial: int, enabled: bool = True) -> None:
+        self.stats = stats
+        self._last = 0.0
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            desc="collect",
+            unit="req",
+            disable=not enabled,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+
+    def _postfix(self) -> dict[str, Any]:
+        """The fields shown after the bar."""
+        s = self.stats
+        return {
+            "done": s.completed,
+            "failed": s.failed,
+            "retrying": s.retrying_now,
+            "retries": s.retries,
+            "tok": s.prompt_tokens + s.completion_tokens,
+            "cost": f"{s.cost:.4f}",
+        }
+
+    def refresh(self, advance: int = 0, force: bool = False) -> None:
+        """Advance the bar by `advance` units and redraw the counters at most 5 times a second."""
+        if advance:
+            self._bar.update(advance)
+        now = time.monotonic()
+        if force or now - self._last > 0.2:
+            self._last = now
+            self._bar.set_postfix(self._postfix(), refresh=True)
+
+    def close(self) -> None:
+        """Draw the final state and release the terminal line."""
+        self.refresh(force=True)
+        self._bar.close()

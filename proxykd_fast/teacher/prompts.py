@@ -1,0 +1,137 @@
+"""Read and validate a prompts JSONL file; hash prompts so collection can resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+Message = dict[str, Any]
+Prompt = Union[str, list[Message]]
+Mode = Literal["chat", "completions"]
+
+_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+
+
+class PromptsError(ValueError):
+    """Raised when the prompts file is missing or holds lines we were told to refuse."""
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt read from the file: the normalised prompt, its optional id and line number."""
+
+    prompt: Prompt
+    prompt_id: str | None
+    line_no: int
+
+
+@dataclass
+class BadLine:
+    """A prompts-file line that could not be used, with the reason."""
+
+    line_no: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line_no}: {self.reason}"
+
+
+@dataclass
+class PromptsFile:
+    """The usable prompts of a file plus the lines that were rejected."""
+
+    path: Path
+    items: list[PromptItem] = field(default_factory=list)
+    bad_lines: list[BadLine] = field(default_factory=list)
+
+
+def canonical_json(obj: Any) -> str:
+    """Serialise `obj` deterministically (sorted keys, no spaces) so equal prompts hash equally."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def prompt_hash(prompt: Prompt, sample_index: int = 0) -> str:
+    """Return the sha256 that identifies one (prompt, sample index) unit across runs."""
+    payload = canonical_json({"prompt": prompt, "sample_index": sample_index})
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _check_messages(messages: Any) -> list[Message]:
+    """Validate a list of chat messages; raise ValueError with a readable reason."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    out: list[Message] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ValueError(f"message {i} is not an object")
+        role = msg.get("role")
+        if role not in _ROLES:
+            raise ValueError(f"message {i} has an invalid role {role!r}")
+        content = msg.get("content")
+        if not isinstance(content, (str, list)):
+            raise ValueError(f"message {i} has no string content")
+        out.append(dict(msg))
+    return out
+
+
+def normalize_record(obj: Any, mode: Mode) -> tuple[Prompt, str | None]:
+    """Turn one parsed JSONL object into (prompt, id) for `mode`; raise ValueError if unusable."""
+    if not isinstance(obj, dict):
+        raise ValueError("line is not a JSON object")
+    raw_id = obj.get("id")
+    prompt_id = None if raw_id is None else str(raw_id)
+    if "prompt" in obj:
+        prompt = obj["prompt"]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt is empty")
+            if mode == "chat":
+                return [{"role": "user", "content": prompt}], prompt_id
+            return prompt, prompt_id
+        messages = _check_messages(prompt)
+    elif "messages" in obj:
+        messages = _check_messages(obj["messages"])
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]  # the reference answer is not part of the prompt
+        if not messages:
+            raise ValueError("messages hold only an assistant turn")
+    else:
+        raise ValueError('line has neither "prompt" nor "messages"')
+    if mode == "completions":
+        raise ValueError("completions mode needs a string prompt, got chat messages")
+    return messages, prompt_id
+
+
+def read_prompts(path: str | Path, mode: Mode = "chat") -> PromptsFile:
+    """Read a prompts JSONL file, keeping good lines and recording bad ones with line numbers."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptsError(f"prompts file not found: {path}")
+    result = PromptsFile(path=path)
+    with path.open("r", encoding="utf-8", errors="replace") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                result.bad_lines.append(BadLine(line_no, f"invalid JSON ({exc.msg})"))
+                continue
+            try:
+                prompt, prompt_id = normalize_record(obj, mode)
+            except ValueError as exc:
+                result.bad_lines.append(BadLine(line_no, str(exc)))
+                continue
+            result.items.append(PromptItem(prompt=prompt, prompt_id=prompt_id, line_no=line_no))
+    return result
+
+
+def format_bad_lines(path: Path, bad_lines: list[BadLine], limit: int = 20) -> str:
+    """Render bad lines as `file:line: reason` text, capped at `limit` entries."""
+    shown = [f"{path}:{b.line_no}: {b.reason}" for b in bad_lines[:limit]]
+    if len(bad_lines) > limit:
+        shown.append(f"... and {len(bad_lines) - limit} more")
+    return "\n".join(shown)
