@@ -1,0 +1,104 @@
+"""Bad input gets a ValueError/TypeError naming the argument, never a crash or a silent broadcast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _loss_cases import make_problem
+from proxykd_fast.losses import (
+    LinearCrossEntropyLoss,
+    ProxyKDLoss,
+    available_backends,
+    linear_cross_entropy,
+    linear_log_probs,
+    linear_topk,
+    proxy_kd_loss,
+)
+
+P = make_problem(n=8, hs=6, hp=5, v=13, seed=0, k=3, dtype=torch.float32)
+
+
+def kd(**overrides):
+    """Call proxy_kd_loss on the shared problem with some arguments replaced."""
+    args = dict(student_hidden=P.hs, student_weight=P.ws, labels=P.labels, proxy_hidden=P.hp, proxy_weight=P.wp)
+    args.update(overrides)
+    return proxy_kd_loss(args.pop("student_hidden"), args.pop("student_weight"), args.pop("labels"), **args)
+
+
+CASES = [
+    ("hidden 1-D", dict(student_hidden=torch.randn(6)), ValueError, "student_hidden"),
+    ("weight hidden size", dict(student_weight=torch.randn(13, 7)), ValueError, "student_weight"),
+    ("labels shape", dict(labels=P.labels[:5]), ValueError, "labels"),
+    ("labels float", dict(labels=P.labels.float()), TypeError, "labels"),
+    ("label >= V", dict(labels=torch.full((8,), 13)), ValueError, "labels"),
+    ("label negative", dict(labels=torch.full((8,), -1)), ValueError, "labels"),
+    ("vocab mismatch", dict(proxy_weight=torch.randn(14, 5)), ValueError, "vocab mismatch"),
+    ("proxy lead shape", dict(proxy_hidden=torch.randn(7, 5)), ValueError, "proxy_hidden"),
+    ("integer hidden", dict(student_hidden=torch.ones(8, 6, dtype=torch.long)), TypeError, "student_hidden"),
+    ("negative temperature", dict(temperature=-1.0), ValueError, "temperature"),
+    ("zero temperature", dict(temperature=0.0), ValueError, "temperature"),
+    ("NaN sample weight", dict(sample_weight=torch.tensor([1.0] * 7 + [float("nan")])), ValueError, "sample_weight"),
+    ("sample weight shape", dict(sample_weight=torch.ones(3)), ValueError, "sample_weight"),
+    ("negative alpha", dict(alpha=-1.0), ValueError, "alpha"),
+    ("divergence", dict(divergence="kl"), ValueError, "divergence"),
+    ("jsd beta", dict(divergence="jsd", jsd_beta=1.0), ValueError, "jsd_beta"),
+    ("reduction", dict(reduction="avg"), ValueError, "reduction"),
+    ("backend", dict(backend="numpy"), ValueError, "backend"),
+    ("chunk size", dict(chunk_size=0), ValueError, "chunk_size"),
+    ("num items", dict(num_items_in_batch=0), ValueError, "num_items_in_batch"),
+    ("student bias shape", dict(student_bias=torch.randn(12)), ValueError, "student_bias"),
+    ("both proxies", dict(proxy_topk_ids=P.topk_ids, proxy_topk_logprobs=P.topk_lps), ValueError, "not both"),
+    ("no proxy", dict(proxy_hidden=None, proxy_weight=None), ValueError, "proxy is required"),
+    ("half online proxy", dict(proxy_weight=None), ValueError, "proxy_weight"),
+    ("mixed devices", dict(proxy_hidden=torch.randn(8, 5, device="meta")), ValueError, "proxy_hidden is on meta"),
+    ("mixed devices labels", dict(labels=P.labels.to("meta")), ValueError, "labels is on meta"),
+]
+
+OFFLINE = dict(proxy_hidden=None, proxy_weight=None, proxy_topk_ids=P.topk_ids, proxy_topk_logprobs=P.topk_lps)
+CASES += [
+    ("k > V", {**OFFLINE, "proxy_topk_ids": torch.zeros(8, 14, dtype=torch.long),
+               "proxy_topk_logprobs": torch.zeros(8, 14)}, ValueError, "k=14"),
+    ("topk id out of range", {**OFFLINE, "proxy_topk_ids": torch.full((8, 3), 13)}, ValueError, "proxy_topk_ids"),
+    ("topk shapes differ", {**OFFLINE, "proxy_topk_logprobs": torch.zeros(8, 2)}, ValueError, "proxy_topk_logprobs"),
+    ("topk NaN", {**OFFLINE, "proxy_topk_logprobs": torch.full((8, 3), float("nan"))}, ValueError, "NaN"),
+    ("offline reverse kl", {**OFFLINE, "divergence": "reverse_kl"}, ValueError, "forward_kl"),
+    ("offline ids float", {**OFFLINE, "proxy_topk_ids": P.topk_ids.float()}, TypeError, "proxy_topk_ids"),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_proxy_kd_loss_rejects_bad_input(overrides: dict, exc: type, match: str) -> None:
+    with pytest.raises(exc, match=match):
+        kd(**overrides)
+
+
+def test_other_functions_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="k must be in"):
+        linear_topk(P.hs, P.ws, 14)
+    with pytest.raises(TypeError, match="k must be an int"):
+        linear_topk(P.hs, P.ws, 2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        linear_log_probs(P.hs, P.ws, P.labels, temperature=-2.0)
+    with pytest.raises(ValueError, match="labels"):
+        linear_log_probs(P.hs, P.ws, torch.full((8,), 99))
+    with pytest.raises(ValueError, match="weight"):
+        linear_cross_entropy(P.hs, torch.randn(13, 4), P.labels)
+    with pytest.raises(ValueError, match="bias"):
+        linear_cross_entropy(P.hs, P.ws, P.labels, bias=torch.randn(13, 1))
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA|not available|backend"):
+        linear_cross_entropy(P.hs, P.ws, P.labels, backend="cuda")
+
+
+def test_modules_match_functional_forms() -> None:
+    loss = ProxyKDLoss(alpha=2.0, temperature=2.0, divergence="jsd")(P.hs, P.ws, P.labels, proxy_hidden=P.hp,
+                                                                     proxy_weight=P.wp)
+    torch.testing.assert_close(loss, kd(alpha=2.0, temperature=2.0, divergence="jsd"))
+    ce = LinearCrossEntropyLoss(reduction="sum")(P.hs, P.ws, P.labels)
+    torch.testing.assert_close(ce, linear_cross_entropy(P.hs, P.ws, P.labels, reduction="sum"))
+    assert "alpha=2.0" in repr(ProxyKDLoss(alpha=2.0))
+
+
+def test_available_backends_on_cpu() -> None:
+    names = available_backends("cpu")
+    assert "reference" in names and "torch" in names and "cuda" not in names
