@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 # Bytes of [C, V] fp32 scratch a call may hold by default; chunk_size overrides it.
-DEFAULT_WORKSPACE_BYTES = {"cpu": 384 << 20, "cuda": 2 << 30}
+DEFAULT_WORKSPACE_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
 
 _workspace: dict[str, Tensor] = {}
 
