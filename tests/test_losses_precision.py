@@ -127,3 +127,17 @@ def test_return_components_and_alpha_zero_equals_cross_entropy() -> None:
     torch.testing.assert_close(loss, ce)
     torch.testing.assert_close(parts["nll"], ce.double())
     assert float(parts["kd"]) > 0 and int(parts["valid_tokens"]) == int((p.labels != -100).sum())
+
+
+def test_no_grad_mode_skips_the_gradient_gemms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.no_grad (evaluation) the chunked backend does the forward GEMMs only."""
+    from proxykd_fast.losses import chunked
+
+    calls = []
+    monkeypatch.setattr(chunked, "grad_input_chunk", lambda *a: calls.append("dx") or torch.zeros(1))
+    monkeypatch.setattr(chunked, "accumulate_grad_weight", lambda *a: calls.append("dw"))
+    p = make_problem(n=10, seed=9)
+    ws = p.ws.clone().requires_grad_()
+    with torch.no_grad():
+        proxy_kd_loss(p.hs, ws, p.labels, proxy_hidden=p.hp, proxy_weight=p.wp, backend="torch")
+    assert calls == []

@@ -165,8 +165,11 @@ class FusedLinearKD(torch.autograd.Function):
 
 def fused_linear_kd(batch: KDBatch, opts: KDOptions, epilogue: Epilogue = torch_epilogue) -> tuple[Tensor, Tensor, Tensor]:
     """Run the fused NLL(+KD) over a validated batch; returns (loss, nll_sum, kd_sum)."""
+    hs, ws, bs = batch.student_hidden, batch.student_weight, batch.student_bias
+    if not torch.is_grad_enabled():  # autograd.Function still reports needs_input_grad under no_grad
+        hs, ws, bs = hs.detach(), ws.detach(), None if bs is None else bs.detach()
     return FusedLinearKD.apply(
-        batch.student_hidden, batch.student_weight, batch.student_bias, batch.labels,
+        hs, ws, bs, batch.labels,
         batch.proxy_hidden, batch.proxy_weight, batch.proxy_bias, batch.topk_ids, batch.topk_logprobs,
         batch.row_weight, opts, epilogue,
     )
