@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _loss_cases import make_problem, max_rel_err, run_ce, run_kd
+
 from proxykd_fast.losses import linear_cross_entropy, linear_log_probs, linear_topk, proxy_kd_loss
 
 TOL = 1e-9

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _loss_cases import make_problem
+
 from proxykd_fast.losses import (
     LinearCrossEntropyLoss,
     ProxyKDLoss,

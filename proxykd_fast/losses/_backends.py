@@ -12,12 +12,14 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+BACKENDS = ("auto", "reference", "torch", "triton", "triton-chunked", "triton-fused", "cuda")
 
 _MODULES = {
     "reference": "proxykd_fast.losses._backend_reference",
     "torch": "proxykd_fast.losses._backend_torch",
-    "triton": "proxykd_fast.losses._backend_triton",
+    "triton": "proxykd_fast.losses._backend_triton",  # best Triton strategy per entry point
+    "triton-chunked": "proxykd_fast.losses._backend_triton_chunked",  # cuBLAS GEMMs + Triton epilogue
+    "triton-fused": "proxykd_fast.losses._backend_triton_fused",  # tile-fused, no logits at all
     "cuda": "proxykd_fast.losses._backend_cuda",
 }
 
@@ -49,9 +51,9 @@ def resolve(backend: str, device: torch.device) -> ModuleType:
         module, _ = _load("torch")
         assert module is not None
         return module
-    if backend == "triton" and not triton_usable(device):
+    if backend.startswith("triton") and not triton_usable(device):
         raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
+            f"backend={backend!r} needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
             "before importing proxykd_fast to run the kernels in the Triton interpreter"
         )
     if backend == "cuda" and device.type != "cuda":
@@ -66,8 +68,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends usable for tensors on `device`."""
     device = torch.device(device)
     names = []
-    for name in ("reference", "torch", "triton", "cuda"):
-        if name == "triton" and not triton_usable(device):
+    for name in BACKENDS[1:]:
+        if name.startswith("triton") and not triton_usable(device):
             continue
         if name == "cuda" and device.type != "cuda":
             continue

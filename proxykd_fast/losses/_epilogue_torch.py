@@ -160,7 +160,8 @@ def _offline_forward_kl(
     terms = p * (log_p - log_qt.gather(1, ids))
     kd = torch.where(p > 0, terms, torch.zeros_like(terms)).sum(1)
     if need_grad:
-        c_t = c_kd * T
+        c_t = c_kd * T * finite_row.view(-1)  # a row whose targets carry no mass has no KD gradient
+        c_kd = c_kd * finite_row.view(-1)
         if T == 1.0:
             S.exp_().mul_((c_nll + c_kd)[:, None])
         else:

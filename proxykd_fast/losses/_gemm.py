@@ -12,19 +12,35 @@ DEFAULT_WORKSPACE_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
 _workspace: dict[str, Tensor] = {}
 
 
-def _mm_has_out_dtype(device: torch.device) -> bool:
-    """Whether torch.mm(a, b, out_dtype=float32) works for low-precision inputs on this device."""
-    if device.type != "cuda":
-        return False
-    try:
-        a = torch.zeros(1, 1, device=device, dtype=torch.bfloat16)
-        torch.mm(a, a, out_dtype=torch.float32)
-        return True
-    except (TypeError, RuntimeError):
-        return False
+_PROBES: dict[tuple[torch.device, str], bool] = {}
 
 
-_OUT_DTYPE_CACHE: dict[torch.device, bool] = {}
+def _mixed_gemm_ok(device: torch.device, kind: str) -> bool:
+    """Whether a bf16 x bf16 -> fp32 GEMM form works (and is right) on `device`; probed once.
+
+    kind "mm_out": torch.mm(a, b, out_dtype=fp32, out=c); kind "addmm_acc": the same accumulated
+    in place into an fp32 c. Both are CUDA-only in torch; elsewhere the callers upcast instead.
+    """
+    key = (device, kind)
+    if key not in _PROBES:
+        ok = False
+        if device.type == "cuda":
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                a = torch.randn(16, 32, device=device, generator=g).bfloat16()
+                b = torch.randn(32, 8, device=device, generator=g).bfloat16()
+                want = a.float() @ b.float()
+                c = torch.ones(16, 8, device=device)
+                if kind == "mm_out":
+                    torch.mm(a, b, out_dtype=torch.float32, out=c)
+                else:
+                    torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+                    want = want + 1
+                ok = bool(torch.allclose(c, want, rtol=1e-4, atol=1e-4))
+            except (TypeError, RuntimeError):
+                ok = False
+        _PROBES[key] = ok
+    return _PROBES[key]
 
 
 def logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -36,13 +52,10 @@ def logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> 
             torch.addmm(bias.to(out.dtype), x, weight.t(), out=out)
         return out
     dtype = weight.dtype
-    dev = x.device
-    if dev not in _OUT_DTYPE_CACHE:
-        _OUT_DTYPE_CACHE[dev] = _mm_has_out_dtype(dev)
-    if _OUT_DTYPE_CACHE[dev] and dtype in (torch.bfloat16, torch.float16):
-        out.copy_(torch.mm(x.to(dtype), weight.t(), out_dtype=torch.float32))
-    elif out.dtype == torch.float64:
+    if out.dtype == torch.float64:
         out.copy_(torch.mm(x.double(), weight.double().t()))
+    elif dtype in (torch.bfloat16, torch.float16) and _mixed_gemm_ok(x.device, "mm_out"):
+        torch.mm(x.to(dtype), weight.t(), out_dtype=torch.float32, out=out)
     else:
         out.copy_(torch.mm(x.to(dtype), weight.t()))
     if bias is not None:
@@ -50,15 +63,26 @@ def logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> 
     return out
 
 
+def grad_operand(dlogits: Tensor, weight: Tensor) -> Tensor:
+    """dlogits in the weight's dtype, as autograd would feed the backward GEMMs (cast once per chunk)."""
+    return dlogits if dlogits.dtype == weight.dtype else dlogits.to(weight.dtype)
+
+
 def grad_input_chunk(dlogits: Tensor, weight: Tensor) -> Tensor:
     """dX = dlogits @ weight, with dlogits cast to the weight's dtype as autograd would."""
-    if weight.dtype == dlogits.dtype:
-        return torch.mm(dlogits, weight)
-    return torch.mm(dlogits.to(weight.dtype), weight)
+    return torch.mm(grad_operand(dlogits, weight), weight)
 
 
-def accumulate_grad_weight(dw32: Tensor, dlogits: Tensor, x: Tensor) -> None:
-    """dW += dlogits.T @ x, accumulated in fp32 whatever the input dtype."""
+def accumulate_grad_weight(dw32: Tensor, dlogits: Tensor, x: Tensor, dlogits_lp: Tensor | None = None) -> None:
+    """dW += dlogits.T @ x, accumulated in fp32 whatever the input dtype.
+
+    On CUDA a low-precision copy of dlogits (`dlogits_lp`, shared with dX) feeds a bf16/fp16
+    GEMM that accumulates straight into the fp32 buffer; elsewhere the GEMM runs in fp32.
+    """
+    if (dlogits_lp is not None and dlogits_lp.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float16)
+            and dw32.dtype == torch.float32 and _mixed_gemm_ok(x.device, "addmm_acc")):
+        torch.addmm(dw32, dlogits_lp.t(), x, out_dtype=torch.float32, out=dw32)
+        return
     dw32.addmm_(dlogits.t(), x.to(dw32.dtype))
 
 

@@ -16,14 +16,24 @@ import torch
 from torch import Tensor
 
 from ._epilogue_torch import torch_epilogue
-from ._gemm import accumulate_grad_weight, default_chunk_rows, grad_input_chunk, logits_into, workspace
+from ._gemm import (
+    accumulate_grad_weight,
+    default_chunk_rows,
+    grad_input_chunk,
+    grad_operand,
+    logits_into,
+    workspace,
+)
 from ._validation import KDBatch, KDOptions
 
 Epilogue = Callable[..., tuple[Tensor, Tensor | None]]
 
 
 def buffers_needed(opts: KDOptions, online: bool) -> int:
-    """How many [C, V] scratch buffers the epilogue needs for these options."""
+    """How many [C, V] scratch buffers the torch epilogue needs: S, then P when online, then R.
+
+    An epilogue may declare its own need with a `buffers_needed(opts, online)` attribute.
+    """
     if opts.divergence is None:
         return 1
     if not online:
@@ -61,7 +71,7 @@ def run_chunks(
     acc_dtype = torch.float64 if wide else torch.float32
     online = batch.proxy_weight is not None
     need_grad = row_grad is not None and (grad_hidden or grad_weight or grad_bias)
-    nbuf = buffers_needed(opts, online)
+    nbuf = getattr(epilogue, "buffers_needed", buffers_needed)(opts, online)
     rows = opts.chunk_size or default_chunk_rows(device, nbuf, vocab, n)
     rows = max(1, min(rows, n))
     bufs = workspace(device, nbuf, rows, vocab, acc_dtype) if n else []
@@ -80,9 +90,9 @@ def run_chunks(
         c = stop - start
         S = logits_into(bufs[0][:c], hs[start:stop], ws, bs)
         P = R = None
-        if online:
+        if online and nbuf >= 2:
             P = logits_into(bufs[1][:c], batch.proxy_hidden[start:stop], batch.proxy_weight, batch.proxy_bias)
-        if nbuf >= 2:
+        if nbuf > (2 if online else 1):
             R = bufs[-1][:c]
         y = labels[start:stop]
         valid = y != opts.ignore_index
@@ -107,10 +117,11 @@ def run_chunks(
             loss = loss + kd_scale * kd
         row_loss[start:stop] = loss
         if need_grad:
+            G = grad_operand(S, ws)
             if d_hidden is not None:
-                d_hidden[start:stop] = grad_input_chunk(S, ws)
+                d_hidden[start:stop] = grad_input_chunk(G, ws)
             if d_weight is not None:
-                accumulate_grad_weight(d_weight, S, hs[start:stop])
+                accumulate_grad_weight(d_weight, S, hs[start:stop], G)
             if d_bias is not None:
                 d_bias += S.sum(0)
     return ChunkResult(row_loss, nll_sum, kd_sum, d_hidden, d_weight, d_bias)

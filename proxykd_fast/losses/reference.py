@@ -28,7 +28,9 @@ def divergence_rows(zs: Tensor, batch: KDBatch, opts: KDOptions) -> Tensor:
     log_q = torch.log_softmax(zs / T, dim=-1)
     if batch.topk_ids is not None:
         log_p = torch.log_softmax(batch.topk_logprobs.to(zs.dtype) / T, dim=-1)
-        p = log_p.exp()
+        has_mass = torch.isfinite(log_p).any(dim=-1, keepdim=True)  # an all -inf row carries no target
+        log_p = torch.where(has_mass, log_p, torch.zeros_like(log_p))
+        p = torch.where(has_mass, log_p.exp(), torch.zeros_like(log_p))
         terms = p * (log_p - log_q.gather(1, batch.topk_ids))
         d = torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1)
         return T * T * d

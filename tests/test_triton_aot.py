@@ -1,0 +1,181 @@
+"""Ahead-of-time compile of every Triton kernel for sm_90 and sm_80: no GPU needed, only ptxas.
+
+The interpreter tests prove the kernels' math; this proves the same source lowers to real
+GPU code at the launch configurations the backends use, and that ptxas fits each kernel in
+registers. It runs in a subprocess with TRITON_INTERPRET unset, because under the
+interpreter @triton.jit functions are replaced and cannot be compiled.
+
+Spill bound: 0 bytes. Every kernel is either a streaming row pass or a tl.dot tile loop
+whose accumulators are sized to fit the register file at the chosen num_warps; a spill
+inside those loops costs local-memory traffic on every iteration, so any spill means a
+launch config (or a kernel edit) went wrong and must be fixed, not tolerated. Shared memory
+must fit the architecture's per-block opt-in limit (227 KiB on sm_90, 163 KiB on sm_80).
+
+Run by hand for the figures: python tests/test_triton_aot.py 90
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+MAX_SPILL_BYTES = 0
+# Integer arguments the JIT sees as multiples of 16 at the benchmark shape (V=128256, H=4096),
+# like every pointer from torch: the same `tt.divisibility` hints let loads vectorize and pipeline.
+ALIGNED_INTS = {"stride_x", "stride_w", "stride_s", "stride_p", "H", "V", "N", "cols_per_split"}
+MAX_SHARED = {90: 232448, 80: 166912}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _specs() -> list[tuple[str, object, dict, dict, dict]]:
+    """(label, kernel, signature, constexprs, options) for every kernel at its real launch configs."""
+    from proxykd_fast.kernels.gather_logits import gather_logits_kernel
+    from proxykd_fast.kernels.kd_epilogue import MODE_IDS, kd_epilogue_kernel
+    from proxykd_fast.kernels.linear_grad import linear_grad_kernel
+    from proxykd_fast.kernels.linear_lse import linear_lse_kernel
+    from proxykd_fast.kernels.linear_topk import linear_topk_kernel
+
+    from proxykd_fast.losses._backend_triton_fused import _GPU_CONFIGS
+    from proxykd_fast.losses._epilogue_triton import epilogue_block
+
+    specs = []
+    block, warps = epilogue_block(128256)
+    ep_sig = {"S": "*fp32", "P": "*fp32", "stride_s": "i32", "stride_p": "i32", "labels": "*i64", "ids": "*i64",
+              "lps": "*fp32", "K": "i32", "c_nll": "*fp32", "c_kd": "*fp32", "nll_out": "*fp32", "kd_out": "*fp32",
+              "V": "i32", "scale": "fp32", "inv_t": "fp32", "t": "fp32", "beta": "fp32", "log_beta": "fp32",
+              "log_1m_beta": "fp32"}
+    for mode, mode_id in MODE_IDS.items():  # HAS_T=True is the superset of the T=1 code
+        const = {"MODE": mode_id, "NEED_GRAD": True, "HAS_T": mode != "ce", "BLOCK": block,
+                 "KP": 16 if mode == "offline" else 1}
+        specs.append((f"kd_epilogue[{mode}]", kd_epilogue_kernel, {**ep_sig, **dict.fromkeys(const, "constexpr")},
+                      const, {"num_warps": warps}))
+
+    for dt, bits in (("bf16", 16), ("fp32", 32)):
+        flags = {"EVEN_K": True, "UPCAST": False, "PREC": "ieee" if bits == 32 else "tf32"}
+        cfg = _GPU_CONFIGS[("lse", bits)]
+        sig = {"X": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "lse1": "*fp32", "lse2": "*fp32", "N": "i32", "V": "i32",
+               "H": "i32", "stride_x": "i32", "stride_w": "i32", "cols_per_split": "i32", "scale1": "fp32",
+               "scale2": "fp32"}
+        const = {"HAS_BIAS": True, "TWO": True, "BM": cfg.bm, "BN": cfg.bn, "BK": cfg.bk, **flags}
+        specs.append((f"linear_lse[{dt}]", linear_lse_kernel, {**sig, **dict.fromkeys(const, "constexpr")}, const,
+                      {"num_warps": cfg.warps, "num_stages": cfg.stages}))
+
+        cfg = _GPU_CONFIGS[("grad", bits)]
+        sig = {"X": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "lse1": "*fp32", "lse2": "*fp32", "coef_a": "*fp32",
+               "coef_b": "*fp32", "sp_cols": "*i64", "sp_coef": "*fp32", "J": "i32", "dX": "*fp32", "dW": "*fp32",
+               "dB": "*fp32", "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32",
+               "scale1": "fp32", "scale2": "fp32", "skip_eps": "fp32"}
+        const = {"HAS_BIAS": True, "TWO": True, "NEED_DX": True, "NEED_DW": True, "NEED_DB": True, "SKIP": True,
+                 "BM": cfg.bm, "BN": cfg.bn, "BK": cfg.bk, "GROUP_M": cfg.group_m, **flags}
+        specs.append((f"linear_grad[{dt}]", linear_grad_kernel, {**sig, **dict.fromkeys(const, "constexpr")}, const,
+                      {"num_warps": cfg.warps, "num_stages": cfg.stages}))
+
+        sig = {"X": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "lse_out": "*fp32", "val_out": "*fp32", "idx_out": "*i64",
+               "N": "i32", "V": "i32", "H": "i32", "stride_x": "i32", "stride_w": "i32", "cols_per_split": "i32",
+               "inv_t": "fp32"}
+        for kp in (16, 64):
+            cfg = _GPU_CONFIGS[("topk" if kp <= 32 else "topk64", bits)]
+            const = {"HAS_BIAS": True, "KP": kp, "BITONIC": True, "BM": cfg.bm, "BN": max(cfg.bn, kp), "BK": cfg.bk,
+                     **flags}
+            specs.append((f"linear_topk[{dt},k<={kp}]", linear_topk_kernel, {**sig, **dict.fromkeys(const, "constexpr")},
+                          const, {"num_warps": cfg.warps, "num_stages": cfg.stages}))
+
+        sig = {"X": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "cols": "*i64", "out": "*fp32", "J": "i32", "H": "i32",
+               "stride_x": "i32", "stride_w": "i32"}
+        const = {"HAS_BIAS": True, "JP": 16, "BH": 128}
+        specs.append((f"gather_logits[{dt}]", gather_logits_kernel, {**sig, **dict.fromkeys(const, "constexpr")}, const,
+                      {"num_warps": 4}))
+    return specs
+
+
+def _aligned(kernel: object, signature: dict) -> dict:
+    """The `tt.divisibility=16` attributes the JIT would attach to aligned pointers and ints."""
+    names = kernel.arg_names
+    return {(names.index(n),): [["tt.divisibility", 16]] for n, ty in signature.items()
+            if ty.startswith("*") or n in ALIGNED_INTS}
+
+
+def _resources(cuobjdump: str, cubin: bytes) -> dict:
+    """Registers and stack-frame bytes of one kernel from its cubin (`cuobjdump --dump-resource-usage`).
+
+    Triton kernels use no local arrays, so any stack frame is register spill space.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                             check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out))
+    return {"regs": int(usage["REG"]), "spill": int(usage["STACK"]) + int(usage["LOCAL"])}
+
+
+def compile_all(arch: int) -> list[dict]:
+    """Compile every spec for sm_<arch>; one record per kernel (error text on failure)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.knobs import nvidia
+
+    records = []
+    for label, kernel, signature, constexprs, options in _specs():
+        record = {"kernel": label, "arch": arch}
+        try:
+            src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                            attrs=_aligned(kernel, signature))
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+            record.update(_resources(nvidia.cuobjdump.path, compiled.asm["cubin"]))
+            record["shared"] = compiled.metadata.shared
+            record["num_warps"] = compiled.metadata.num_warps
+        except Exception as exc:  # report every failure, not only the first
+            record["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+        records.append(record)
+    return records
+
+
+def _compile_in_subprocesses(archs: tuple[int, ...]) -> dict[int, list[dict]]:
+    """Compile for each arch in its own fresh interpreter (concurrently), without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = env.get("PROXYKD_AOT_CACHE", str(Path(tempfile.gettempdir()) / "proxykd_aot_cache"))
+    procs = {arch: subprocess.Popen([sys.executable, __file__, str(arch)], cwd=ROOT, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for arch in archs}
+    results = {}
+    for arch, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-4000:]
+        results[arch] = json.loads(out.strip().splitlines()[-1])
+    return results
+
+
+@pytest.fixture(scope="module")
+def aot_records() -> dict[int, list[dict]]:
+    """Compile records for sm_90 and sm_80, built once for the module."""
+    return _compile_in_subprocesses((90, 80))
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernels_compile_without_spills(aot_records: dict[int, list[dict]], arch: int) -> None:
+    """Every kernel compiles for sm_<arch>, spills at most MAX_SPILL_BYTES and fits shared memory."""
+    records = aot_records[arch]
+    errors = [f"{r['kernel']}: {r['error']}" for r in records if "error" in r]
+    assert not errors, "\n".join(errors)
+    for r in records:
+        print(f"sm_{arch} {r['kernel']}: {r['regs']} regs, {r['spill']} B spill, {r['shared']} B shared, "
+              f"{r['num_warps']} warps")
+    spills = [r["kernel"] for r in records if r["spill"] > MAX_SPILL_BYTES]
+    assert not spills, f"register spills above {MAX_SPILL_BYTES} B on sm_{arch}: {spills}"
+    too_big = [r["kernel"] for r in records if r["shared"] > MAX_SHARED[arch]]
+    assert not too_big, f"shared memory above {MAX_SHARED[arch]} B on sm_{arch}: {too_big}"
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
+    print(json.dumps(compile_all(int(sys.argv[1]) if len(sys.argv) > 1 else 90)))

@@ -1,0 +1,136 @@
+"""The Triton chunk epilogue honours `torch_epilogue`'s contract, checked against it in fp64.
+
+Same arguments, (nll, kd * T^2) per row and dlogits left in S, for plain CE, every online
+divergence, offline top-k, T in {0.5, 1, 2}, ignored rows (zero coefficients), extreme logits
+and several vocab blocks with a masked tail. On CPU the kernels run in the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+from proxykd_fast.losses._epilogue_torch import torch_epilogue  # noqa: E402
+from proxykd_fast.losses._epilogue_triton import interpreter_problem, triton_epilogue  # noqa: E402
+from proxykd_fast.losses._validation import KDOptions  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+if DEVICE == "cpu" and interpreter_problem():
+    pytest.skip(f"no CUDA and no usable Triton interpreter: {interpreter_problem()}", allow_module_level=True)
+
+C, V, K = 9, 509, 6
+
+
+def _chunk(mode: str, scale: float, seed: int = 0) -> dict:
+    """fp32 inputs of one chunk: logits, labels, coefficients (rows 2 and 5 ignored), top-k targets."""
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(C, V, generator=g) * scale
+    P = torch.randn(C, V, generator=g) * scale + 0.5 * S
+    labels = torch.randint(0, V, (C,), generator=g)
+    c_nll = torch.rand(C, generator=g) + 0.5
+    c_nll[[2, 5]] = 0.0
+    labels[[2, 5]] = 0
+    c_kd = c_nll * 0.7
+    ids = lps = None
+    if mode == "offline":
+        lp, ids = torch.log_softmax(P, 1).topk(K, 1)
+        lps = lp.clone()
+        lps[1, 3:] = -float("inf")  # a partly masked target row
+        lps[4] = -float("inf")  # a row with no target mass at all
+    data = {"S": S, "P": P if mode not in ("ce", "offline") else None, "ids": ids, "lps": lps, "labels": labels,
+            "c_nll": c_nll, "c_kd": c_kd}
+    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
+
+
+def _run(epilogue, d: dict, opts: KDOptions, dtype: torch.dtype, need_grad: bool):  # noqa: ANN001, ANN202
+    """Run one epilogue on copies of the chunk in `dtype`; return (nll, kd, dlogits)."""
+    S = d["S"].to(dtype).clone()
+    P = None if d["P"] is None else d["P"].to(dtype).clone()
+    R = torch.empty_like(S)
+    lps = None if d["lps"] is None else d["lps"].to(dtype)
+    nll, kd = epilogue(S, P, R, d["ids"], lps, d["labels"], d["c_nll"].to(dtype), d["c_kd"].to(dtype), opts,
+                       need_grad)
+    return nll, kd, S
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, rtol: float = 2e-5) -> None:
+    """Elementwise match to an fp64 reference, tolerance scaled by the reference's magnitude."""
+    ref = ref.double()
+    atol = rtol * max(1.0, float(ref.abs().max()))
+    torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol)
+
+
+CASES = [("ce", 1.0)] + [(m, t) for m in ("forward_kl", "reverse_kl", "jsd", "offline") for t in (0.5, 1.0, 2.0)]
+
+
+@pytest.mark.parametrize(("mode", "temperature"), CASES)
+def test_epilogue_matches_torch(mode: str, temperature: float) -> None:
+    """nll, kd and dlogits equal the torch epilogue's (fp64) for every loss and temperature."""
+    d = _chunk(mode, scale=3.0)
+    divergence = None if mode == "ce" else ("forward_kl" if mode == "offline" else mode)
+    opts = KDOptions(alpha=0.7, temperature=temperature, divergence=divergence, jsd_beta=0.3)
+    for need_grad in (False, True):
+        nll, kd, S = _run(triton_epilogue, d, opts, torch.float32, need_grad)
+        r_nll, r_kd, r_S = _run(torch_epilogue, d, opts, torch.float64, need_grad)
+        _close(nll, r_nll)
+        assert (kd is None) == (r_kd is None)
+        if kd is not None:
+            _close(kd, r_kd)
+        if need_grad:
+            rows = [i for i in range(C) if not (mode == "offline" and i == 4)]
+            _close(S[rows], r_S[rows])
+    if mode == "offline":
+        # No target mass: KD is 0 and so is its gradient (the fp64 reference's derivative); the
+        # torch epilogue still adds c_kd * T * q_T on such a row.
+        assert float(kd[4]) == 0.0
+        log_q = torch.log_softmax(d["S"][4].double(), 0)
+        ce_only = d["c_nll"][4] * (log_q.exp() - torch.nn.functional.one_hot(d["labels"][4], V))
+        _close(S[4], ce_only)
+
+
+@pytest.mark.parametrize("mode", ["forward_kl", "reverse_kl", "jsd", "offline"])
+def test_epilogue_extreme_logits(mode: str) -> None:
+    """|z| ~ 1e4 (near one-hot softmaxes) stays finite and matches fp64 at T = 0.5."""
+    d = _chunk(mode, scale=1e4, seed=1)
+    opts = KDOptions(alpha=0.7, temperature=0.5, divergence="forward_kl" if mode == "offline" else mode, jsd_beta=0.5)
+    nll, kd, S = _run(triton_epilogue, d, opts, torch.float32, True)
+    r_nll, r_kd, r_S = _run(torch_epilogue, d, opts, torch.float64, True)
+    assert torch.isfinite(nll).all() and torch.isfinite(kd).all() and torch.isfinite(S).all()
+    _close(nll, r_nll, 1e-4)
+    _close(kd, r_kd, 1e-4)
+    rows = [i for i in range(C) if not (mode == "offline" and i == 4)]
+    _close(S[rows], r_S[rows], 1e-4)
+
+
+def test_scaled_ce_epilogue_is_tempered_log_prob() -> None:
+    """The log-prob epilogue: nll = -log softmax(z/T)[y], dlogits = c (q_T - onehot) / T."""
+    from proxykd_fast.losses._epilogue_triton import scaled_ce_epilogue
+
+    d = _chunk("ce", scale=3.0)
+    T = 0.5
+    nll, kd, S = _run(scaled_ce_epilogue(1.0 / T), d, KDOptions(), torch.float32, True)
+    z = d["S"].double()
+    log_q = torch.log_softmax(z / T, 1)
+    _close(nll, -log_q.gather(1, d["labels"][:, None]).squeeze(1))
+    onehot = torch.nn.functional.one_hot(d["labels"], V).double()
+    _close(S, d["c_nll"].double()[:, None] * (log_q.exp() - onehot) / T)
+    assert kd is None
+
+
+def test_epilogue_reads_low_precision_proxy_logits() -> None:
+    """P may be a bf16 buffer (half the proxy scratch): same result as its fp32 upcast."""
+    d = _chunk("jsd", scale=3.0)
+    opts = KDOptions(alpha=0.7, temperature=2.0, divergence="jsd", jsd_beta=0.3)
+    d["P"] = d["P"].to(torch.bfloat16)
+    S = d["S"].clone()
+    nll, kd = triton_epilogue(S, d["P"], None, None, None, d["labels"], d["c_nll"], d["c_kd"], opts, True)
+    r_nll, r_kd, r_S = _run(torch_epilogue, d, opts, torch.float64, True)
+    _close(nll, r_nll)
+    _close(kd, r_kd)
+    _close(S, r_S)
