@@ -19,7 +19,7 @@ from proxykd_fast.kernels.kd_epilogue import MODE_IDS, kd_epilogue_kernel
 
 from ._epilogue_torch import torch_epilogue
 from ._validation import KDOptions
-from .chunked import Epilogue
+from .chunked import Epilogue, buffers_needed
 
 MIN_TRITON = (3, 6)
 
@@ -122,6 +122,16 @@ def triton_epilogue(
     mode = _mode(topk_ids, opts)
     return launch_epilogue(S, P, topk_ids, topk_logprobs, labels, c_nll, c_kd, mode, opts.temperature,
                            opts.jsd_beta, need_grad)
+
+
+def _triton_buffers_needed(opts: KDOptions, online: bool, dtype: torch.dtype) -> int:
+    """The kernel needs no scratch R: S, plus P when online (fp64 keeps the torch epilogue's count)."""
+    if dtype != torch.float32:
+        return buffers_needed(opts, online, dtype)
+    return 2 if online and opts.divergence is not None else 1
+
+
+triton_epilogue.buffers_needed = _triton_buffers_needed
 
 
 def scaled_ce_epilogue(scale: float) -> Epilogue:

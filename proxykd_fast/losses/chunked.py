@@ -29,10 +29,10 @@ from ._validation import KDBatch, KDOptions
 Epilogue = Callable[..., tuple[Tensor, Tensor | None]]
 
 
-def buffers_needed(opts: KDOptions, online: bool) -> int:
+def buffers_needed(opts: KDOptions, online: bool, dtype: torch.dtype = torch.float32) -> int:
     """How many [C, V] scratch buffers the torch epilogue needs: S, then P when online, then R.
 
-    An epilogue may declare its own need with a `buffers_needed(opts, online)` attribute.
+    An epilogue may declare its own need with a `buffers_needed(opts, online, dtype)` attribute.
     """
     if opts.divergence is None:
         return 1
@@ -71,7 +71,7 @@ def run_chunks(
     acc_dtype = torch.float64 if wide else torch.float32
     online = batch.proxy_weight is not None
     need_grad = row_grad is not None and (grad_hidden or grad_weight or grad_bias)
-    nbuf = getattr(epilogue, "buffers_needed", buffers_needed)(opts, online)
+    nbuf = getattr(epilogue, "buffers_needed", buffers_needed)(opts, online, acc_dtype)
     rows = opts.chunk_size or default_chunk_rows(device, nbuf, vocab, n)
     rows = max(1, min(rows, n))
     bufs = workspace(device, nbuf, rows, vocab, acc_dtype) if n else []
