@@ -1,0 +1,1 @@
+"""Runnable demos of the Proxy-KD pipeline: `python -m proxykd_fast.demo --preset default|smollm2`."""

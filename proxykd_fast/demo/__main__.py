@@ -1,0 +1,53 @@
+"""`python -m proxykd_fast.demo`: run the Proxy-KD demo and write its table and plot."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags and run the chosen preset."""
+    p = argparse.ArgumentParser(prog="python -m proxykd_fast.demo", description=__doc__)
+    p.add_argument("--preset", default="default", choices=["default", "smollm2"])
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (the first is the default seed)")
+    p.add_argument("--out", default="demo_out", help="output directory (the trained teacher is cached here)")
+    p.add_argument("--alpha", type=float, default=None, help="KD weight alpha for the Proxy-KD students")
+    p.add_argument("--student-steps", type=int, default=None, help="step budget of every student (default 400)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p.add_argument("--progress", action="store_true", help="show per-stage progress bars")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if args.preset == "smollm2":
+        from .smollm2 import run_smollm2
+
+        return run_smollm2(out / "smollm2", seeds[0], alpha=args.alpha)
+    from .default import DemoSettings, run_seed
+    from .report import write_outputs
+
+    settings = DemoSettings()
+    if args.alpha is not None:
+        settings.alpha = args.alpha
+    if args.student_steps is not None:
+        settings.student_steps = args.student_steps
+    results = {}
+    for seed in seeds:
+        results[seed] = run_seed(out, seed, settings, progress=args.progress)
+        write_outputs(out, results, seeds[0], time.perf_counter() - start)
+    md = write_outputs(out, results, seeds[0], time.perf_counter() - start)
+    print(md)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'training_curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

