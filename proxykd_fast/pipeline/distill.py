@@ -104,13 +104,13 @@ def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
     """Train the student; the final student is saved (loadable by from_pretrained) in output_dir."""
     acc = accelerator or make_accelerator()
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if acc.is_main_process:
-        cfg.save(out / "distill_config.yaml")
     tok = load_tokenizer(cfg.student)
     student = load_model(cfg.student, cfg.dtype)
     check_model_matches_tokenizer(student, tok, "student")
+    out = Path(cfg.output_dir)  # created only once the inputs have loaded
+    out.mkdir(parents=True, exist_ok=True)
+    if acc.is_main_process:
+        cfg.save(out / "distill_config.yaml")
     proxy = None
     weights: dict[int, float] = {}
     if cfg.targets and not cfg.proxy:

@@ -52,8 +52,6 @@ def compute_rows(model: torch.nn.Module, examples: list[Example], pad_id: int, c
 def precompute(cfg: PrecomputeConfig) -> dict[str, Any]:
     """Write shards of top-k targets (skipping shards already written), then the weights and manifest."""
     t0 = time.perf_counter()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.tokenizer or cfg.proxy)
     if cfg.tokenizer:
         check_same_vocab(load_tokenizer(cfg.proxy), tok, ("proxy", "student"))
@@ -63,6 +61,8 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, Any]:
         model = model.cuda()
     model.eval()
     records = load_records(cfg.data)
+    out = Path(cfg.output_dir)  # created only once the inputs have loaded
+    out.mkdir(parents=True, exist_ok=True)
     lo, hi = parse_split(cfg.split, len(records))
     n = hi - lo
     n_shards = (n + cfg.shard_size - 1) // cfg.shard_size
