@@ -9,8 +9,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import openai
@@ -207,6 +208,7 @@ class TeacherClient:
         self.api_key_env = api_key_env
         self.policy = policy or RetryPolicy()
         self._rng = random.Random(rng_seed)
+        self.retrying_now = 0  # units currently sleeping before their next attempt
         # The openai client must not retry: retries are ours, so they are counted and bounded.
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
@@ -222,13 +224,9 @@ class TeacherClient:
     async def _attempt(self, prompt: Any, params: dict[str, Any]) -> Completion:
         """Make one HTTP request and return a parsed completion (raises on any failure)."""
         if self.mode == "chat":
-            call = self._client.chat.completions.with_raw_response.create(
-                model=self.model, messages=prompt, **params
-            )
+            call = self._client.chat.completions.with_raw_response.create(model=self.model, messages=prompt, **params)
         else:
-            call = self._client.completions.with_raw_response.create(
-                model=self.model, prompt=prompt, **params
-            )
+            call = self._client.completions.with_raw_response.create(model=self.model, prompt=prompt, **params)
         raw = await asyncio.wait_for(call, timeout=self.policy.timeout)
         data = parse_body(raw.text, self.mode)
         choice = data["choices"][0]
@@ -246,9 +244,12 @@ class TeacherClient:
         self,
         prompt: Any,
         params: dict[str, Any],
-        on_retry: Callable[[str, float], Awaitable[None] | None] | None = None,
+        on_retry: Callable[[str, float], None] | None = None,
     ) -> Outcome:
-        """Get one completion with up to `max_retries` retries; never raises for API failures."""
+        """Get one completion with up to `max_retries` retries; never raises for API failures.
+
+        `on_retry(reason, delay)` is called before each backoff sleep (for counting).
+        """
         start = time.monotonic()
         reasons: list[str] = []
         attempt = 0
@@ -267,11 +268,13 @@ class TeacherClient:
             delay = self.policy.backoff(attempt, self._rng)
             if failure.retry_after is not None:
                 delay = min(self.policy.max_retry_after, failure.retry_after) + 0.1 * self._rng.random()
+            self.retrying_now += 1
             if on_retry is not None:
-                maybe = on_retry(failure.reason, delay)
-                if maybe is not None:
-                    await maybe
-            await asyncio.sleep(delay)
+                on_retry(failure.reason, delay)
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self.retrying_now -= 1
 
     async def check_model(self) -> None:
         """Ask /models (with retries) so a wrong URL, key or model name fails before any billing."""
@@ -284,8 +287,10 @@ class TeacherClient:
             except (asyncio.TimeoutError, openai.OpenAIError) as exc:
                 if isinstance(exc, openai.NotFoundError):
                     return  # the server has no /models endpoint; the first request will tell
-                if isinstance(exc, openai.APIStatusError) and exc.status_code not in (401, 403, 429) and (
-                    exc.status_code < 500
+                if (
+                    isinstance(exc, openai.APIStatusError)
+                    and exc.status_code not in (401, 403, 429)
+                    and (exc.status_code < 500)
                 ):
                     return
                 failure = classify(exc, self.base_url, self.model, self.api_key_env)
@@ -293,8 +298,7 @@ class TeacherClient:
                 raise FatalAPIError(failure.reason)
             if attempt > self.policy.max_retries:
                 raise FatalAPIError(
-                    f"cannot reach the teacher at {self.base_url}: {failure.reason} "
-                    f"after {attempt} attempts"
+                    f"cannot reach the teacher at {self.base_url}: {failure.reason} after {attempt} attempts"
                 )
             delay = self.policy.backoff(attempt, self._rng)
             if failure.retry_after is not None:
@@ -303,6 +307,4 @@ class TeacherClient:
         ids = [m.id for m in getattr(page, "data", [])]
         if ids and self.model not in ids:
             shown = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
-            raise FatalAPIError(
-                f"model {self.model!r} is not served at {self.base_url} (available: {shown})"
-            )
+            raise FatalAPIError(f"model {self.model!r} is not served at {self.base_url} (available: {shown})")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from .client import FatalAPIError, Mode, RetryPolicy, TeacherClient
 from .progress import ProgressBar, Stats
@@ -51,6 +52,7 @@ class CollectConfig:
     fsync_every: int = 8
     check_model: bool = True
     allow_config_change: bool = False
+    max_consecutive_failures: int = 50
 
     def run_info(self) -> dict[str, Any]:
         """Settings that change what the teacher answers; a resumed run must not change them."""
@@ -175,19 +177,19 @@ async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, s
     client = TeacherClient(
         config.base_url, config.model, mode=config.mode, api_key_env=config.api_key_env, policy=policy
     )
-    fatal: list[str] = []
+    consecutive_failures = 0
 
     def on_retry(reason: str, delay: float) -> None:
         stats.retries += 1
         stats.retry_reasons[reason] += 1
+        stats.retrying_now = client.retrying_now
         bar.refresh()
 
     async def worker() -> None:
+        nonlocal consecutive_failures
         for unit in units:
-            if fatal:
-                return
-            stats.retrying_now += 0
             outcome = await client.complete(unit.prompt, config.request_params(unit.sample_index), on_retry)
+            stats.retrying_now = client.retrying_now
             if outcome.completion is not None:
                 record = build_record(
                     unit,
@@ -199,6 +201,7 @@ async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, s
                     latency_s=outcome.latency_s,
                 )
                 store.records.write(record)
+                consecutive_failures = 0
                 stats.completed += 1
                 stats.add_usage(outcome.completion.usage)
                 bar.refresh(advance=1)
@@ -206,31 +209,45 @@ async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, s
             failure = outcome.failure
             assert failure is not None
             if failure.kind == "fatal":
-                fatal.append(failure.reason)
-                return
+                raise FatalAPIError(failure.reason)
             store.failures.write(build_failure(unit, failure, outcome.attempts, outcome.retry_reasons))
             stats.failed += 1
             stats.failure_reasons[failure.reason] += 1
             bar.refresh(advance=1)
+            consecutive_failures += 1
+            if config.max_consecutive_failures and consecutive_failures >= config.max_consecutive_failures:
+                raise FatalAPIError(
+                    f"stopping after {consecutive_failures} consecutive failed requests "
+                    f"(last: {failure.reason}); re-run to resume"
+                )
 
+    tasks: list[asyncio.Task] = []
+    error: str | None = None
     try:
         if config.check_model:
             await client.check_model()
-        await asyncio.gather(*(worker() for _ in range(max(1, config.concurrency))))
+        tasks = [asyncio.create_task(worker()) for _ in range(max(1, config.concurrency))]
+        # The first fatal error cancels the other workers (their in-flight answers are not
+        # written, so at most `concurrency` requests are repeated by the next run).
+        await asyncio.gather(*tasks)
     except FatalAPIError as exc:
-        fatal.append(str(exc))
+        error = str(exc)
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
-    if fatal:
-        raise CollectError(fatal[0])
-
-
-class _RetryTracker:
-    """Wraps the retry callback so `Stats.retrying_now` counts units sleeping before a retry."""
+    if error is not None:
+        raise CollectError(error)
 
 
 def collect(config: CollectConfig) -> CollectSummary:
     """Collect every pending unit of `config.prompts` into `config.out`; safe to re-run after a kill."""
+    return asyncio.run(acollect(config))
+
+
+async def acollect(config: CollectConfig) -> CollectSummary:
+    """`collect` for callers that already run an event loop."""
     start = time.monotonic()
     summary = CollectSummary(out_dir=str(config.out))
     units = plan_units(config, summary)
@@ -247,7 +264,7 @@ def collect(config: CollectConfig) -> CollectSummary:
         if pending:
             bar = ProgressBar(stats, total=len(units), initial=summary.already_done, enabled=config.progress)
             try:
-                asyncio.run(_run(config, iter(pending), store, stats, bar))
+                await _run(config, iter(pending), store, stats, bar)
             finally:
                 bar.close()
                 _fill_summary(summary, stats)

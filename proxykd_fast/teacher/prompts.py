@@ -6,10 +6,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 Message = dict[str, Any]
-Prompt = Union[str, list[Message]]
+Prompt = str | list[Message]
 Mode = Literal["chat", "completions"]
 
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}

@@ -43,9 +43,7 @@ def build_record(
         answer = completion.text
     if fmt == "messages":
         prompt_msgs = unit.prompt if mode == "chat" else [{"role": "user", "content": unit.prompt}]
-        body: dict[str, Any] = {
-            "messages": list(prompt_msgs) + [{"role": "assistant", "content": completion.text}]
-        }
+        body: dict[str, Any] = {"messages": list(prompt_msgs) + [{"role": "assistant", "content": completion.text}]}
     else:
         body = {"prompt": unit.prompt, "completion": answer}
     body.update(

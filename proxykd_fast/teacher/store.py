@@ -171,11 +171,15 @@ class OutputDir:
             self._lock_fh.close()
             self._lock_fh = None
             raise StoreError(f"{self.path} is in use by another collector") from None
-        self._check_run_info(run_info, allow_config_change)
-        self.repaired_bytes = repair_jsonl(self.records_path) + repair_jsonl(self.failures_path)
-        done = {r["prompt_hash"] for r in iter_jsonl(self.records_path) if "prompt_hash" in r}
-        self.records = JsonlAppender(self.records_path, self.fsync_every)
-        self.failures = JsonlAppender(self.failures_path, self.fsync_every)
+        try:
+            self._check_run_info(run_info, allow_config_change)
+            self.repaired_bytes = repair_jsonl(self.records_path) + repair_jsonl(self.failures_path)
+            done = {r["prompt_hash"] for r in iter_jsonl(self.records_path) if "prompt_hash" in r}
+            self.records = JsonlAppender(self.records_path, self.fsync_every)
+            self.failures = JsonlAppender(self.failures_path, self.fsync_every)
+        except BaseException:
+            self.close()
+            raise
         return done
 
     def _check_run_info(self, run_info: dict[str, Any], allow_change: bool) -> None:

@@ -1,0 +1,153 @@
+"""Fault injection for the local teacher server, to prove the collector survives a flaky API.
+
+An ASGI middleware in front of the completion endpoints draws from a seeded RNG per request
+and may answer 429 (with Retry-After), 500 or 503, stall past the client's timeout, drop the
+connection mid-response, or send malformed JSON. Counts of injected faults are kept so tests
+can check them against the collector's retry counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+FAULT_KINDS = ("429", "500", "503", "slow", "drop", "malformed")
+COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class FaultConfig:
+    """Per-kind fault probabilities (summing to at most 1) and how each fault behaves."""
+
+    rates: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    retry_after: float = 1.0
+    slow_seconds: float = 5.0
+    latency: float = 0.0
+    paths: tuple[str, ...] = COMPLETION_PATHS
+
+    def __post_init__(self) -> None:
+        unknown = set(self.rates) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
+        if any(r < 0 for r in self.rates.values()) or sum(self.rates.values()) > 1.0 + 1e-9:
+            raise ValueError("fault rates must be >= 0 and sum to at most 1")
+
+    @classmethod
+    def uniform(cls, rate: float, kinds: tuple[str, ...] | list[str] = FAULT_KINDS, **kwargs: Any) -> FaultConfig:
+        """Spread a total fault `rate` evenly over `kinds`."""
+        kinds = tuple(kinds)
+        return cls(rates={k: rate / len(kinds) for k in kinds} if kinds else {}, **kwargs)
+
+    @property
+    def active(self) -> bool:
+        """True when any fault or added latency is configured."""
+        return self.latency > 0 or any(r > 0 for r in self.rates.values())
+
+
+class InjectedDrop(Exception):
+    """Raised mid-response on purpose so the server closes the connection without finishing."""
+
+
+class _HideInjectedDrops(logging.Filter):
+    """Keep the server log free of tracebacks for connections we dropped on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, InjectedDrop)
+
+
+class FaultInjector:
+    """Draws faults from a seeded RNG (thread-safe) and counts what it injected."""
+
+    def __init__(self, config: FaultConfig) -> None:
+        self.config = config
+        self._rng = random.Random(config.seed)
+        self._lock = threading.Lock()
+        self.counts: Counter = Counter()
+        self.requests = 0
+
+    def draw(self) -> str | None:
+        """Pick a fault kind for the next request, or None to serve it normally."""
+        with self._lock:
+            self.requests += 1
+            x = self._rng.random()
+            acc = 0.0
+            for kind in FAULT_KINDS:
+                acc += self.config.rates.get(kind, 0.0)
+                if x < acc:
+                    self.counts[kind] += 1
+                    return kind
+            return None
+
+    @property
+    def total(self) -> int:
+        """Number of faults injected so far."""
+        return sum(self.counts.values())
+
+
+async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Send a complete response with a JSON content type."""
+    base = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": base + list(headers)})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_body(message: str, type_: str, code: str | None = None) -> bytes:
+    """An OpenAI-style error body."""
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+
+
+class FaultMiddleware:
+    """ASGI middleware that injects the configured faults in front of the completion endpoints."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], injector: FaultInjector) -> None:
+        self.app = app
+        self.injector = injector
+        server_log = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, _HideInjectedDrops) for f in server_log.filters):
+            server_log.addFilter(_HideInjectedDrops())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cfg = self.injector.config
+        if scope["type"] != "http" or scope.get("path") not in cfg.paths:
+            await self.app(scope, receive, send)
+            return
+        if cfg.latency > 0:
+            await asyncio.sleep(cfg.latency)
+        kind = self.injector.draw()
+        if kind is None:
+            await self.app(scope, receive, send)
+        elif kind == "429":
+            body = _error_body("Rate limit reached (injected fault).", "rate_limit_error", "rate_limit_exceeded")
+            await _send_json(send, 429, body, [(b"retry-after", f"{cfg.retry_after:g}".encode())])
+        elif kind in ("500", "503"):
+            body = _error_body(f"Injected server error {kind}.", "server_error")
+            await _send_json(send, int(kind), body)
+        elif kind == "slow":
+            await asyncio.sleep(cfg.slow_seconds)  # the client should have timed out by now
+            await self.app(scope, receive, send)
+        elif kind == "drop":
+            # Start a response, send part of it, then fail: the server closes the socket.
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b'{"id": "chatcmpl-', "more_body": True})
+            raise InjectedDrop("connection dropped on purpose")
+        elif kind == "malformed":
+            await _send_json(send, 200, b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"ind')

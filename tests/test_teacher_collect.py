@@ -1,0 +1,290 @@
+"""Collection against the real local server: dataset output, resume bookkeeping and bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import time
+
+import openai
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from proxykd_fast.teacher import CollectConfig, CollectError, collect, load_records, to_dataset, to_parquet
+from proxykd_fast.teacher.cli import main as cli_main
+from proxykd_fast.teacher.client import BadResponse, Failure, RetryPolicy, classify, parse_body, parse_retry_after
+from proxykd_fast.teacher.prompts import prompt_hash, read_prompts
+from proxykd_fast.teacher.records import strip_volatile
+from proxykd_fast.teacher.server import TeacherServer
+from proxykd_fast.teacher.store import RECORDS_FILE, OutputDir, StoreError
+from proxykd_fast.teacher.testing import make_prompts, write_prompts
+from proxykd_fast.teacher.tiny import tiny_teacher
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def server():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tok = tiny_teacher(seed=1)
+    srv = TeacherServer(model, tok, model_name="tiny")
+    srv.start()
+    yield srv
+    srv.stop()
+    torch.set_num_threads(threads)
+
+
+def _config(server, tmp_path, n=36, **kw) -> CollectConfig:
+    prompts = kw.pop("prompts", None) or write_prompts(tmp_path / "prompts.jsonl", n)
+    base = dict(
+        prompts=prompts,
+        out=tmp_path / "out",
+        base_url=server.base_url,
+        model="tiny",
+        max_tokens=8,
+        temperature=0.0,
+        concurrency=8,
+        progress=False,
+        timeout=20,
+        backoff_base=0.05,
+    )
+    base.update(kw)
+    return CollectConfig(**base)
+
+
+def test_collect_to_dataset_and_parquet(server, tmp_path):
+    cfg = _config(server, tmp_path, n=36, price_input_per_1k=0.5, price_output_per_1k=1.5)
+    summary = collect(cfg)
+    assert (summary.completed, summary.failed, summary.remaining, summary.retries) == (36, 0, 0, 0)
+    records = load_records(cfg.out)
+    assert len(records) == 36 and len({r["prompt_hash"] for r in records}) == 36
+    for r in records:
+        assert r["prompt"][-1]["role"] == "user"  # trailing reference answers were dropped
+        assert r["completion"][0]["role"] == "assistant" and r["completion"][0]["content"]
+        assert r["model"] == "tiny" and r["finish_reason"] in ("stop", "length")
+        assert r["request_id"].startswith("req-") and r["attempts"] == 1
+        assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+        assert r["prompt_hash"] == prompt_hash(r["prompt"], r["sample_index"])
+    assert summary.prompt_tokens == sum(r["usage"]["prompt_tokens"] for r in records)
+    assert summary.cost == pytest.approx((summary.prompt_tokens * 0.5 + summary.completion_tokens * 1.5) / 1000)
+    ds = to_dataset(cfg.out)
+    assert len(ds) == 36 and {"prompt", "completion", "prompt_hash", "usage"} <= set(ds.column_names)
+    assert ds[0]["completion"][0]["role"] == "assistant"
+    table = pq.read_table(to_parquet(cfg.out, tmp_path / "teacher.parquet"))
+    assert table.num_rows == 36
+
+    # A second run finds everything done and sends no completion request.
+    served = server.handler.requests_ok
+    again = collect(cfg)
+    assert (again.already_done, again.completed) == (36, 0) and server.handler.requests_ok == served
+
+
+def test_messages_format_n_per_prompt_and_seed(server, tmp_path):
+    cfg = _config(server, tmp_path, n=6, format="messages", n_per_prompt=3, temperature=1.0, seed=7)
+    summary = collect(cfg)
+    assert summary.completed == 18 and summary.failed == 0
+    records = load_records(cfg.out)
+    assert sorted(r["sample_index"] for r in records) == sorted([0, 1, 2] * 6)
+    for r in records:
+        assert r["messages"][-1]["role"] == "assistant" and r["messages"][-2]["role"] == "user"
+    # Same seed + same sample index reproduce the same text; the 3 samples of a prompt differ.
+    by_prompt: dict[str, list[str]] = {}
+    for r in records:
+        by_prompt.setdefault(json.dumps(r["messages"][:-1]), []).append(r["messages"][-1]["content"])
+    assert all(len(v) == 3 for v in by_prompt.values())
+    assert any(len(set(v)) > 1 for v in by_prompt.values())
+    rerun = collect(
+        _config(
+            server,
+            tmp_path,
+            n=6,
+            format="messages",
+            n_per_prompt=3,
+            temperature=1.0,
+            seed=7,
+            out=tmp_path / "out2",
+            concurrency=2,
+        )
+    )
+    assert rerun.completed == 18
+    strip = lambda rows: sorted(json.dumps(strip_volatile(r), sort_keys=True) for r in rows)  # noqa: E731
+    assert strip(load_records(tmp_path / "out2")) == strip(records)
+
+
+def test_completions_mode(server, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"text number {i}"}) + "\n" for i in range(8)))
+    cfg = _config(server, tmp_path, prompts=path, mode="completions")
+    assert collect(cfg).completed == 8
+    r = load_records(cfg.out)[0]
+    assert isinstance(r["prompt"], str) and isinstance(r["completion"], str) and r["completion"]
+    # Chat-shaped prompts cannot be sent to /completions: they are bad lines.
+    pf = read_prompts(write_prompts(tmp_path / "c.jsonl", 3), "completions")
+    assert [b.line_no for b in pf.bad_lines] == [2, 3]
+
+
+def test_missing_prompts_file(server, tmp_path, capsys):
+    with pytest.raises(CollectError, match="prompts file not found"):
+        collect(_config(server, tmp_path, prompts=tmp_path / "nope.jsonl"))
+    argv = ["collect", "--prompts", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]
+    rc = cli_main(argv + ["--base-url", server.base_url, "--model", "tiny", "--no-progress"])
+    assert rc == 2 and "prompts file not found" in capsys.readouterr().err
+
+
+def _bad_prompts(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    lines = [
+        json.dumps({"prompt": "good one"}),
+        "{not json",
+        json.dumps({"prompt": ""}),
+        "",
+        json.dumps({"text": "no prompt key"}),
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),
+        json.dumps([1, 2]),
+        json.dumps({"messages": [{"role": "user", "content": "good two"}]}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bad_lines_refused_with_line_numbers(server, tmp_path):
+    with pytest.raises(CollectError) as info:
+        collect(_config(server, tmp_path, prompts=_bad_prompts(tmp_path)))
+    msg = str(info.value)
+    for line_no in (2, 3, 5, 6, 7):
+        assert f"bad.jsonl:{line_no}:" in msg
+    assert "bad.jsonl:1:" not in msg and "bad.jsonl:8:" not in msg and "invalid JSON" in msg
+    assert not (tmp_path / "out" / RECORDS_FILE).exists()  # nothing was sent
+
+
+def test_bad_lines_skipped(server, tmp_path, caplog):
+    summary = collect(_config(server, tmp_path, prompts=_bad_prompts(tmp_path), on_bad_line="skip"))
+    assert (summary.prompts, summary.bad_lines, summary.completed) == (2, 5, 2)
+    assert "bad.jsonl:6: message 0 has an invalid role" in caplog.text
+
+
+def test_unreachable_url_fails_clearly(tmp_path):
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = CollectConfig(
+        prompts=write_prompts(tmp_path / "p.jsonl", 3),
+        out=tmp_path / "out",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        model="m",
+        max_retries=2,
+        backoff_base=0.01,
+        timeout=2,
+        progress=False,
+    )
+    start = time.monotonic()
+    with pytest.raises(CollectError, match=r"cannot reach the teacher .* after 3 attempts"):
+        collect(cfg)
+    assert time.monotonic() - start < 10
+
+
+def test_wrong_model_name_fails_clearly(server, tmp_path):
+    with pytest.raises(CollectError, match=r"model 'gpt-9' is not served at .*available: tiny"):
+        collect(_config(server, tmp_path, model="gpt-9"))
+    # Without the /models check the first request's 404 stops the run just as clearly.
+    with pytest.raises(CollectError, match=r"not found \(404\).*gpt-9.*does not exist"):
+        collect(_config(server, tmp_path, model="gpt-9", check_model=False))
+    assert load_records(tmp_path / "out") == []
+
+
+def test_truncated_last_line_is_repaired(server, tmp_path):
+    cfg = _config(server, tmp_path, n=12)
+    collect(cfg)
+    path = tmp_path / "out" / RECORDS_FILE
+    reference = {r["prompt_hash"]: strip_volatile(r) for r in load_records(cfg.out)}
+    lines = path.read_bytes().splitlines(keepends=True)
+    # Keep 8 full lines and half of the 9th, as a kill during a write would leave them.
+    path.write_bytes(b"".join(lines[:8]) + lines[8][: len(lines[8]) // 2])
+    summary = collect(cfg)
+    assert summary.repaired_bytes == len(lines[8]) // 2
+    assert (summary.already_done, summary.completed) == (8, 4)
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n")
+    rows = [json.loads(line) for line in raw.splitlines()]  # every line is valid JSON again
+    assert len(rows) == 12 and {r["prompt_hash"]: strip_volatile(r) for r in rows} == reference
+
+
+def test_changed_settings_refused_on_resume(server, tmp_path):
+    collect(_config(server, tmp_path, n=3))
+    with pytest.raises(CollectError, match="temperature"):
+        collect(_config(server, tmp_path, n=3, temperature=0.7))
+    assert collect(_config(server, tmp_path, n=3, temperature=0.7, allow_config_change=True)).already_done == 3
+
+
+def test_output_dir_is_locked(tmp_path):
+    first = OutputDir(tmp_path / "out")
+    first.open({"model": "m"})
+    try:
+        with pytest.raises(StoreError, match="in use"):
+            OutputDir(tmp_path / "out").open({"model": "m"})
+    finally:
+        first.close()
+
+
+def test_prompt_hash_and_duplicates(server, tmp_path):
+    assert prompt_hash("a", 0) != prompt_hash("a", 1)
+    assert prompt_hash([{"role": "user", "content": "a"}]) == prompt_hash([{"content": "a", "role": "user"}])
+    path = tmp_path / "dup.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_prompts(4) + make_prompts(4)))
+    summary = collect(_config(server, tmp_path, prompts=path))
+    assert (summary.duplicates, summary.units_total, summary.completed) == (4, 4, 4)
+
+
+def test_error_classification_and_retry_after():
+    class Headers(dict):
+        def get(self, key, default=None):
+            return super().get(key.lower(), default)
+
+    assert parse_retry_after(Headers({"retry-after": "3"})) == 3.0
+    assert parse_retry_after(Headers({"retry-after-ms": "250"})) == 0.25
+    assert parse_retry_after(Headers({})) is None
+    assert classify(BadResponse("empty content"), "u", "m", "K") == Failure("retry", "bad response: empty content")
+    for text, reason in [
+        ("{", "invalid JSON"),
+        ("[]", "not a JSON object"),
+        ('{"choices": []}', "missing choices"),
+        ('{"choices": [{"message": {"content": ""}}]}', "empty content"),
+    ]:
+        with pytest.raises(BadResponse, match=reason):
+            parse_body(text, "chat")
+    policy = RetryPolicy(backoff_base=1.0, backoff_max=5.0)
+    rng = random.Random(0)
+    delays = [policy.backoff(k, rng) for k in range(1, 6)]
+    assert all(0.5 * min(5.0, 2 ** (k - 1)) <= d <= min(5.0, 2 ** (k - 1)) for k, d in zip(range(1, 6), delays))
+
+
+def test_api_key_comes_from_environment(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_TEACHER_KEY", "sk-test-123")
+    captured = {}
+    orig = openai.AsyncOpenAI.__init__
+
+    def spy(self, *a, **kw):
+        captured.update(kw)
+        orig(self, *a, **kw)
+
+    monkeypatch.setattr(openai.AsyncOpenAI, "__init__", spy)
+    collect(_config(server, tmp_path, n=2, api_key_env="MY_TEACHER_KEY"))
+    assert captured["api_key"] == "sk-test-123" and captured["max_retries"] == 0
+
+
+def test_bad_api_key_fails_fast(tmp_path, monkeypatch):
+    model, tok = tiny_teacher(seed=1)
+    with TeacherServer(model, tok, model_name="tiny", api_key="sk-right") as srv:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        cfg = _config(srv, tmp_path, n=3)
+        with pytest.raises(CollectError, match=r"authentication failed \(401\).*\$OPENAI_API_KEY"):
+            collect(cfg)
+        cfg.check_model = False  # the completion request itself gets 401 and is not retried
+        with pytest.raises(CollectError, match=r"authentication failed \(401\)"):
+            collect(cfg)
+        assert load_records(cfg.out) == []
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-right")
+        assert collect(cfg).completed == 3
