@@ -6,17 +6,21 @@ Each loss reads hidden states and the lm_head weight and never materializes the 
 
 from ._backends import BACKENDS, available_backends
 from ._gemm import release_workspace
+from .dpo import dpo_loss
 from .functional import linear_cross_entropy, linear_log_probs, linear_topk, proxy_kd_loss
 from .modules import LinearCrossEntropyLoss, ProxyKDLoss
+from .sequence import sequence_log_probs
 
 __all__ = [
     "BACKENDS",
     "LinearCrossEntropyLoss",
     "ProxyKDLoss",
     "available_backends",
+    "dpo_loss",
     "linear_cross_entropy",
     "linear_log_probs",
     "linear_topk",
     "proxy_kd_loss",
     "release_workspace",
+    "sequence_log_probs",
 ]

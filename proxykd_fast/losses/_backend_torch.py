@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._validation import KDBatch, KDOptions
-from .chunked import FusedLinearLogProbs, chunked_topk, fused_linear_kd as _fused
+from .chunked import FusedLinearLogProbs, chunked_topk
+from .chunked import fused_linear_kd as _fused
 
 
 def fused_linear_kd(batch: KDBatch, opts: KDOptions) -> tuple[Tensor, Tensor, Tensor]:
