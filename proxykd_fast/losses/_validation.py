@@ -7,6 +7,7 @@ error naming the argument and the expected shape or dtype, never deep inside a k
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -109,15 +110,31 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
 def resolve_denominator(
     reduction: str, num_items_in_batch: int | float | Tensor | None, n_valid: int
 ) -> float:
-    """Return what the summed loss is divided by: num_items_in_batch, the valid count, or 1."""
+    """Return what the summed loss is divided by: num_items_in_batch, the valid count, or 1.
+
+    `num_items_in_batch` is validated whatever the reduction (a positive finite scalar), but
+    only `mean` divides by it.
+    """
+    value = None
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(
+                    f"num_items_in_batch must be a scalar (one element), got a tensor of shape "
+                    f"{list(num_items_in_batch.shape)}"
+                )
+            value = float(num_items_in_batch.detach().reshape(()).item())
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
+            raise TypeError(
+                f"num_items_in_batch must be an int, float or scalar tensor, got {type(num_items_in_batch).__name__}"
+            )
+        else:
+            value = float(num_items_in_batch)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch}")
     if reduction != "mean":
         return 1.0
-    if num_items_in_batch is None:
-        return float(max(n_valid, 1))
-    value = float(num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch}")
-    return value
+    return float(max(n_valid, 1)) if value is None else value
 
 
 def expand_sample_weight(sample_weight: Tensor | None, lead: tuple[int, ...], device: torch.device) -> Tensor | None:
