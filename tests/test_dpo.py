@@ -344,10 +344,24 @@ def test_other_backends_tiny(backend: str) -> None:
     if backend == "none":
         pytest.skip("no triton (interpreter) / cuda backend available on this machine")
     c = make_case(B=2, T=5, H=8, V=33, Hr=6, seed=11)
+    c32 = {k: (v.float() if v.is_floating_point() else v) for k, v in c.items()}
     for loss_type in ("sigmoid", "apo_zero"):
-        ours = run_ours({k: (v.float() if v.is_floating_point() else v) for k, v in c.items()}, ref="online",
-                        backend=backend, loss_type=loss_type, nll_alpha=0.3)
-        assert_match(ours, run_plain(c, ref="online", loss_type=loss_type, nll_alpha=0.3), tol=1e-4)
+        for chunk_size in (None, 3):  # 3 tokens: every pair is streamed in several chunks
+            ours = run_ours(c32, ref="online", backend=backend, loss_type=loss_type, nll_alpha=0.3,
+                            chunk_size=chunk_size)
+            assert_match(ours, run_plain(c, ref="online", loss_type=loss_type, nll_alpha=0.3), tol=1e-4)
+
+
+@pytest.mark.parametrize("backend", [b for b in OTHER_BACKENDS if b.startswith("triton")] or ["none"])
+def test_triton_backends_use_their_token_epilogue(backend: str) -> None:
+    """The chunked Triton strategies run the row-epilogue kernel; the tile-fused one has no logits chunk."""
+    if backend == "none":
+        pytest.skip("Triton interpreter not available")
+    from proxykd_fast.losses import _backends
+    from proxykd_fast.losses._token_rows import TritonTokenRows, token_rows_for
+
+    ops = token_rows_for(_backends.resolve(backend, torch.device("cpu")).__name__, torch.float32)
+    assert isinstance(ops, TritonTokenRows) if backend != "triton-fused" else ops is None
 
 
 # ------------------------------------------------------------------------------------------

@@ -23,21 +23,23 @@ precomputed `ref_logps` must be on the same scale as the policy's (sums, or mean
 `average_log_prob=True`), e.g. from `sequence_log_probs(..., average=...)`. A sequence without
 any completion token has log-prob 0 (sum or mean); NLL over zero chosen tokens is 0.
 
-How it runs (backend "torch", the default on CPU): the non-ignored tokens are laid out pair by
-pair and cut into chunks of at most `chunk_size` tokens. Pairs that fit are packed whole into a
+How it runs (backends "torch", "cuda", "triton", "triton-chunked"; see _token_rows.py): the
+non-ignored tokens are laid out pair by pair and cut into chunks of at most `chunk_size` tokens. Pairs that fit are packed whole into a
 chunk, so their sequence log-probs and hence d loss / d logits are known after the chunk's one
 logits GEMM: logits -> log-softmax -> dlogits in place -> dX, dW GEMMs (fp32 dW accumulator), as
 Liger does per pair, but without the masked prompt/padding tokens. A pair longer than a chunk is
 streamed: a forward-only pass gets its sequence log-probs, then a second pass recomputes each chunk
 with the now-known coefficients. Peak memory is one [chunk_size, V] fp32 buffer plus dW, whatever
-T is (Liger's per-pair chunk holds several [2, T, V] fp32 tensors). Other backends (reference,
-triton, cuda) differentiate `linear_log_probs` on the gathered tokens instead.
+T is (Liger's per-pair chunk holds several [2, T, V] fp32 tensors). The Triton backends run the
+chunk's log-prob and dlogits steps in the row-epilogue kernel. "reference" and "triton-fused"
+(whose logits never exist, not even per chunk) differentiate `linear_log_probs` on the gathered
+tokens instead.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _backends
 from ._gemm import accumulate_grad_weight, default_chunk_rows, grad_input_chunk, logits_into, workspace
+from ._token_rows import TokenRows, TorchTokenRows, token_rows_for
 from ._validation import check_chunk_size, check_device, check_floating, check_labels
 from .sequence import check_sequence_head, output_dtype, token_sums
 
@@ -135,9 +138,11 @@ class _Plan:
     counts: Tensor  # [2B] int64 tokens per row
     chunks: list[tuple[int, int, int, int, bool]]  # (token start, stop, pair start, stop, streamed)
     rows: int  # tokens per chunk
+    ops: TokenRows = field(default_factory=TorchTokenRows)  # per-chunk log-prob / dlogits epilogue
 
 
-def _plan(flat_labels: Tensor, lead: tuple[int, int], ignore_index: int, rows: int) -> _Plan:
+def _plan(flat_labels: Tensor, lead: tuple[int, int], ignore_index: int, rows: int,
+          ops: TokenRows | None = None) -> _Plan:
     """Order the non-ignored tokens pair-major and cut them into chunks of whole pairs (or stream a long pair)."""
     n_rows, t = lead
     b = n_rows // 2
@@ -164,7 +169,7 @@ def _plan(flat_labels: Tensor, lead: tuple[int, int], ignore_index: int, rows: i
         tok += n
     if start_pair < b and tok > start_tok:
         chunks.append((start_tok, tok, start_pair, b, False))
-    return _Plan(idx, flat_labels.index_select(0, idx), row, counts, chunks, rows)
+    return _Plan(idx, flat_labels.index_select(0, idx), row, counts, chunks, rows, ops or TorchTokenRows())
 
 
 def _fused_pass(
@@ -194,8 +199,7 @@ def _fused_pass(
         x = flat_hidden.index_select(0, plan.idx[start:stop])
         y = plan.labels[start:stop]
         S = logits_into(buf[: stop - start], x, weight, bias)
-        torch.log_softmax(S, 1, out=S)
-        return x, y, plan.row[start:stop], S.gather(1, y[:, None]).view(-1)
+        return x, y, plan.row[start:stop], plan.ops.logps(S, y)
 
     streamed = [c for c in plan.chunks if c[4]]
     if need_grad:  # forward-only pass over the long pairs: their coefficients need every token first
@@ -218,8 +222,7 @@ def _fused_pass(
             obj.row_coefficients(sums, p0, p1, coef)
         # d loss / d logits = c_row * (onehot(y) - softmax(z)), c_row = d loss / d (row sum)
         c = coef.index_select(0, r).to(acc)
-        S.exp_().mul_((-c)[:, None])
-        S.scatter_add_(1, y[:, None], c[:, None])
+        plan.ops.dlogits(S, y, c)
         if d_hidden is not None:
             d_hidden.index_copy_(0, plan.idx[start:stop], grad_input_chunk(S, weight).to(d_hidden.dtype))
         if d_weight is not None:
@@ -362,11 +365,12 @@ def dpo_loss(
                 f"vocab mismatch: ref_weight has V={ref_vocab} rows but weight has V={vocab}; "
                 "policy and reference must share one vocabulary"
             )
-    fused = impl.__name__.endswith("._backend_torch")
+    acc_dtype = torch.float64 if torch.float64 in (flat.dtype, weight.dtype) else torch.float32
+    ops = token_rows_for(impl.__name__, acc_dtype)
     plan = None
-    if fused:
+    if ops is not None:
         rows = chunk_size or default_chunk_rows(device, 1, vocab, max(1, int(counts.sum())))
-        plan = _plan(flat_labels, lead, ignore_index, rows)
+        plan = _plan(flat_labels, lead, ignore_index, rows, ops)
     if online:
         ref_b = None if ref_bias is None else ref_bias.detach()
         with torch.no_grad():
