@@ -109,9 +109,28 @@ def test_system_prompt_is_hidden(server, client):
         timeout=10,
     )
     assert raw.status_code == 200 and "SECRET" not in raw.text
-    # The hidden prompt is part of what the model sees (it costs prompt tokens).
-    plain = len(render_chat(server.handler.tokenizer, [{"role": "user", "content": "hi"}]))
-    assert raw.json()["usage"]["prompt_tokens"] > plain + len("SECRET-SYSTEM")
+    # usage counts only the prompt the client sent: the hidden prompt's length must not leak.
+    tok = server.handler.tokenizer
+    plain = render_chat(tok, [{"role": "user", "content": "hi"}])
+    usage = raw.json()["usage"]
+    assert usage["prompt_tokens"] == len(plain)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # ... yet the model does see it: a seeded answer is the one generated from the full prompt.
+    full = render_chat(tok, with_system_prompt([{"role": "user", "content": "hi"}], "SECRET-SYSTEM"))
+    assert len(full) > len(plain) + len("SECRET-SYSTEM") // 4
+    sampled = _ask(client, "hi", max_tokens=8, temperature=1.0, seed=5)
+
+    def local(ids):
+        (res,) = server.engine.generate([GenRow(ids, max_new_tokens=8, temperature=1.0, seed=derive_seed(5, ids, 0))])
+        return tok.decode(res.token_ids, skip_special_tokens=True)
+
+    assert sampled == local(full) and sampled != local(plain)
+    # The context-length error does not reveal the hidden prompt either.
+    with pytest.raises(openai.BadRequestError) as info:
+        _ask(client, "x" * 1100, max_tokens=2)
+    shown = len(render_chat(tok, [{"role": "user", "content": "x" * 1100}]))
+    limit = server.handler.context_length - (len(full) - len(plain))
+    assert f"the prompt has {shown} tokens; this model's context length is {limit}" in str(info.value)
     merged = with_system_prompt([{"role": "system", "content": "client"}, {"role": "user", "content": "q"}], "hidden")
     assert merged[0] == {"role": "system", "content": "hidden\n\nclient"} and len(merged) == 2
 
@@ -199,6 +218,13 @@ def test_each_fault_kind_on_the_wire(fault_servers, kind):
             assert r.status_code == 200
             with pytest.raises(json.JSONDecodeError):
                 json.loads(r.text)
+        elif kind == "no_choices":
+            assert r.status_code == 200 and r.json()["object"] == "chat.completion" and "choices" not in r.json()
+        elif kind == "empty_content":
+            assert r.status_code == 200 and r.json()["choices"][0]["message"] == {"role": "assistant", "content": ""}
+            # Shaped for the endpoint: /v1/completions gets an empty `text`.
+            r = httpx.post(srv.base_url + "/completions", json={"model": "tiny", "prompt": "hi"}, timeout=10)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == ""
         else:
             assert r.status_code == int(kind) and "error" in r.json()
             if kind == "429":

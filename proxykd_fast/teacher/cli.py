@@ -114,7 +114,11 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="name clients must use (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--system-prompt", default=None, help="hidden system prompt prepended to every chat")
+    p.add_argument(
+        "--system-prompt",
+        default=None,
+        help="hidden system prompt prepended to every chat (not counted in usage.prompt_tokens)",
+    )
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to wait to fill a batch")
     p.add_argument("--default-max-tokens", type=int, default=256, help="chat max_tokens when not given")

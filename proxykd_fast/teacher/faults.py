@@ -2,8 +2,9 @@
 
 An ASGI middleware in front of the completion endpoints draws from a seeded RNG per request
 and may answer 429 (with Retry-After), 500 or 503, stall past the client's timeout, drop the
-connection mid-response, or send malformed JSON. Counts of injected faults are kept so tests
-can check them against the collector's retry counters.
+connection mid-response, or answer 200 with a body the client cannot use: malformed JSON, no
+`choices`, or empty content. Counts of injected faults are kept so tests can check them
+against the collector's retry counters.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-FAULT_KINDS = ("429", "500", "503", "slow", "drop", "malformed")
+# New kinds go at the end: the draw walks this order, so seeded runs keep their old faults.
+FAULT_KINDS = ("429", "500", "503", "slow", "drop", "malformed", "no_choices", "empty_content")
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 Scope = dict[str, Any]
@@ -104,6 +106,26 @@ async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[b
     await send({"type": "http.response.body", "body": body})
 
 
+def _bad_body(kind: str, path: str) -> bytes:
+    """A 200 body that parses as JSON but holds no usable answer, shaped for the endpoint at `path`."""
+    chat = path.endswith("/chat/completions")
+    body: dict[str, Any] = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-injected",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": 0,
+        "model": "injected",
+        "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1},
+    }
+    if kind == "empty_content":
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "stop"}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": ""}
+        else:
+            choice["text"] = ""
+        body["choices"] = [choice]
+    return json.dumps(body).encode()
+
+
 def _error_body(message: str, type_: str, code: str | None = None) -> bytes:
     """An OpenAI-style error body."""
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
@@ -151,3 +173,5 @@ class FaultMiddleware:
             raise InjectedDrop("connection dropped on purpose")
         elif kind == "malformed":
             await _send_json(send, 200, b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"ind')
+        elif kind in ("no_choices", "empty_content"):
+            await _send_json(send, 200, _bad_body(kind, scope["path"]))

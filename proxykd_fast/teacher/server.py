@@ -83,7 +83,12 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class TeacherApp:
-    """The request handling: validation, prompt rendering, engine submission, response building."""
+    """The request handling: validation, prompt rendering, engine submission, response building.
+
+    The hidden system prompt must not be observable, so `usage.prompt_tokens` (and the
+    context-length error) count the prompt as the client sent it, rendered as it would be
+    without the hidden prompt; the model itself sees (and is limited by) the full prompt.
+    """
 
     def __init__(
         self,
@@ -132,17 +137,22 @@ class TeacherApp:
             "stop": _stop_strings(body),
         }
 
-    def _rows(self, prompt_ids: list[int], params: dict[str, Any]) -> list[GenRow]:
-        """One engine row per requested choice, each with its own derived seed."""
+    def _rows(self, prompt_ids: list[int], params: dict[str, Any], shown_tokens: int | None = None) -> list[GenRow]:
+        """One engine row per requested choice, each with its own derived seed.
+
+        `shown_tokens` is the prompt length the client may know (without the hidden system prompt).
+        """
         if not prompt_ids:
             raise RequestError(400, "the prompt is empty", param="prompt")
         max_new = params["max_tokens"]
         if self.context_length is not None:
             room = self.context_length - len(prompt_ids)
             if room < 1:
+                shown = len(prompt_ids) if shown_tokens is None else shown_tokens
+                limit = self.context_length - (len(prompt_ids) - shown)  # what is left to the client
                 raise RequestError(
                     400,
-                    f"the prompt has {len(prompt_ids)} tokens; this model's context length is {self.context_length}",
+                    f"the prompt has {shown} tokens; this model's context length is {limit}",
                     code="context_length_exceeded",
                 )
             max_new = min(max_new, room)
@@ -203,7 +213,8 @@ class TeacherApp:
             raise RequestError(400, "'messages' must be a non-empty list of {role, content}", param="messages")
         params = self._sampling(body, self.default_max_tokens)
         prompt_ids = render_chat(self.tokenizer, with_system_prompt(messages, self.system_prompt))
-        results = await self._run(self._rows(prompt_ids, params), request)
+        shown = self._shown_prompt_tokens(messages, prompt_ids)
+        results = await self._run(self._rows(prompt_ids, params, shown), request)
         choices = []
         for k, result in enumerate(results):
             text, finish = self._text(result, params["stop"])
@@ -222,8 +233,14 @@ class TeacherApp:
             "created": int(time.time()),
             "model": self.model_name,
             "choices": choices,
-            "usage": self._usage(len(prompt_ids), results),
+            "usage": self._usage(shown, results),
         }
+
+    def _shown_prompt_tokens(self, messages: list[dict[str, Any]], prompt_ids: list[int]) -> int:
+        """Prompt tokens to report: the client's messages rendered without the hidden system prompt."""
+        if not self.system_prompt:
+            return len(prompt_ids)
+        return len(render_chat(self.tokenizer, with_system_prompt(messages, None)))
 
     async def completions(self, body: dict[str, Any], request: Request | None = None) -> dict[str, Any]:
         """Handle /v1/completions (a string prompt or a list of string prompts)."""
