@@ -166,6 +166,28 @@ def test_bad_lines_skipped(server, tmp_path, caplog):
     assert "bad.jsonl:6: message 0 has an invalid role" in caplog.text
 
 
+def _bad_utf8_prompts(tmp_path):
+    path = tmp_path / "enc.jsonl"
+    lines = [
+        b"\xef\xbb\xbf" + json.dumps({"prompt": "caf\u00e9 with a BOM"}, ensure_ascii=False).encode(),
+        b'{"prompt": "caf\xe9 in latin-1"}',
+        json.dumps({"prompt": "na\u00efve"}, ensure_ascii=False).encode(),
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_bad_utf8_is_a_bad_line_with_its_number(server, tmp_path):
+    pf = read_prompts(_bad_utf8_prompts(tmp_path))
+    assert [(b.line_no, b.reason) for b in pf.bad_lines] == [(2, "invalid UTF-8 (byte 0xe9 at column 16)")]
+    assert [i.prompt[0]["content"] for i in pf.items] == ["caf\u00e9 with a BOM", "na\u00efve"]
+    with pytest.raises(CollectError, match=r"enc\.jsonl:2: invalid UTF-8"):
+        collect(_config(server, tmp_path, prompts=_bad_utf8_prompts(tmp_path)))
+    summary = collect(_config(server, tmp_path, prompts=_bad_utf8_prompts(tmp_path), on_bad_line="skip"))
+    assert (summary.prompts, summary.bad_lines, summary.completed) == (2, 1, 2)
+    assert "\ufffd" not in json.dumps(load_records(tmp_path / "out"), ensure_ascii=False)
+
+
 def test_unreachable_url_fails_clearly(tmp_path):
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))

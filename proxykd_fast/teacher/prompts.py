@@ -105,14 +105,30 @@ def normalize_record(obj: Any, mode: Mode) -> tuple[Prompt, str | None]:
     return messages, prompt_id
 
 
+def _decode_line(raw: bytes, line_no: int) -> str:
+    """Decode one line as strict UTF-8 (a BOM on line 1 is dropped); raise ValueError naming the byte."""
+    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start : exc.start + 1].hex()
+        raise ValueError(f"invalid UTF-8 (byte 0x{bad} at column {exc.start + 1})") from None
+
+
 def read_prompts(path: str | Path, mode: Mode = "chat") -> PromptsFile:
-    """Read a prompts JSONL file, keeping good lines and recording bad ones with line numbers."""
+    """Read a prompts JSONL file, keeping good lines and recording bad ones (bad UTF-8 too) with line numbers."""
     path = Path(path)
     if not path.is_file():
         raise PromptsError(f"prompts file not found: {path}")
     result = PromptsFile(path=path)
-    with path.open("r", encoding="utf-8", errors="replace") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                line = _decode_line(raw, line_no)
+            except ValueError as exc:
+                result.bad_lines.append(BadLine(line_no, str(exc)))
+                continue
             if not line.strip():
                 continue
             try:
