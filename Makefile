@@ -23,6 +23,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/cpu_losses.py
+	OMP_NUM_THREADS=2 $(PY) benchmarks/cpu_dpo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check proxykd_fast kernels tests benchmarks

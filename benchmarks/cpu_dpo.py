@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from _cpu_measure import MALLOC_ENV
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("gemm_floor", "ours_online", "ours_precomputed", "liger_compiled", "liger_eager")
 BETA, NLL_ALPHA = 0.1, 1.0
@@ -224,7 +226,7 @@ def run_variant(variant: str, B: int, T: int, mask: str, args: argparse.Namespac
     cmd = [sys.executable, __file__, "--worker", variant, "--B", str(B), "--T", str(T), "--H", str(args.H),
            "--V", str(args.V), "--mask", mask, "--threads", str(args.threads), "--repeats", str(repeats),
            "--warmup", str(warmup)] + (["--chunk", str(args.chunk)] if args.chunk else [])
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(args.threads)}
     guard_mb = args.guard_mb or 0.6 * mem_available_mb()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     killed_at = 0.0
