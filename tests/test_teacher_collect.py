@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
 import time
+from collections import Counter
 
+import httpx
 import openai
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from proxykd_fast.teacher import CollectConfig, CollectError, collect, load_records, to_dataset, to_parquet
+from proxykd_fast.teacher import (
+    CollectConfig,
+    CollectError,
+    collect,
+    load_failures,
+    load_records,
+    to_dataset,
+    to_parquet,
+)
 from proxykd_fast.teacher.cli import main as cli_main
-from proxykd_fast.teacher.client import BadResponse, Failure, RetryPolicy, classify, parse_body, parse_retry_after
+from proxykd_fast.teacher.client import (
+    BadResponse,
+    Failure,
+    RetryPolicy,
+    TeacherClient,
+    classify,
+    parse_body,
+    parse_retry_after,
+)
+from proxykd_fast.teacher.collect import housekeeping
+from proxykd_fast.teacher.progress import ProgressBar, Stats
 from proxykd_fast.teacher.prompts import prompt_hash, read_prompts
 from proxykd_fast.teacher.records import strip_volatile
 from proxykd_fast.teacher.server import TeacherServer
-from proxykd_fast.teacher.store import RECORDS_FILE, OutputDir, StoreError
-from proxykd_fast.teacher.testing import make_prompts, write_prompts
+from proxykd_fast.teacher.store import RECORDS_FILE, JsonlAppender, OutputDir, StoreError
+from proxykd_fast.teacher.testing import count_lines, make_prompts, write_prompts
 from proxykd_fast.teacher.tiny import tiny_teacher
 
 pytestmark = pytest.mark.timeout(120)
@@ -188,7 +209,7 @@ def test_bad_utf8_is_a_bad_line_with_its_number(server, tmp_path):
     assert "\ufffd" not in json.dumps(load_records(tmp_path / "out"), ensure_ascii=False)
 
 
-def test_unreachable_url_fails_clearly(tmp_path):
+def test_unreachable_url_fails_clearly(tmp_path, capsys):
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -206,6 +227,19 @@ def test_unreachable_url_fails_clearly(tmp_path):
     with pytest.raises(CollectError, match=r"cannot reach the teacher .* after 3 attempts"):
         collect(cfg)
     assert time.monotonic() - start < 10
+    # Without the /models check, the first unit to use up its retries stops the run just as
+    # clearly (nothing ever answered there), and no unit is logged as a failure.
+    cfg.check_model = False
+    cfg.concurrency = 2
+    start = time.monotonic()
+    with pytest.raises(CollectError, match=r"cannot reach the teacher .* after 3 attempts .*not answered a single"):
+        collect(cfg)
+    assert time.monotonic() - start < 10
+    assert load_failures(cfg.out) == [] and load_records(cfg.out) == []
+    argv = ["collect", "--prompts", str(cfg.prompts), "--out", str(cfg.out), "--base-url", cfg.base_url]
+    argv += ["--model", "m", "--no-model-check", "--max-retries", "1", "--backoff-base", "0.01", "--no-progress"]
+    assert cli_main(argv) == 2
+    assert "error: cannot reach the teacher" in capsys.readouterr().err
 
 
 def test_wrong_model_name_fails_clearly(server, tmp_path):
@@ -281,6 +315,131 @@ def test_error_classification_and_retry_after():
     rng = random.Random(0)
     delays = [policy.backoff(k, rng) for k in range(1, 6)]
     assert all(0.5 * min(5.0, 2 ** (k - 1)) <= d <= min(5.0, 2 ** (k - 1)) for k, d in zip(range(1, 6), delays))
+
+
+def test_unknown_errors_are_classified():
+    req = httpx.Request("POST", "http://teacher/v1/chat/completions")
+    transient = openai.APIError("The upstream is overloaded, try again later", req, body=None)
+    assert classify(transient, "u", "m", "K") == Failure("retry", "unexpected error (APIError)")
+    odd = openai.APIResponseValidationError(httpx.Response(200, request=req), body=None)
+    failure = classify(odd, "u", "m", "K")
+    assert failure.kind == "permanent" and failure.reason.startswith("unexpected error (APIResponseValidationError: ")
+    assert classify(ValueError("no"), "u", "m", "K") == Failure("permanent", "unexpected error (ValueError: no)")
+    assert classify(RuntimeError("Connection reset by peer"), "u", "m", "K").kind == "retry"
+    quota = openai.RateLimitError(
+        "quota",
+        response=httpx.Response(429, request=req),
+        body={"code": "insufficient_quota", "message": "You exceeded your current quota"},
+    )
+    assert classify(quota, "u", "m", "K") == Failure(
+        "fatal", "quota exhausted (429 insufficient_quota) at u: You exceeded your current quota"
+    )
+
+
+def test_unknown_api_errors_never_crash_the_run(server, tmp_path, monkeypatch):
+    """Errors the client has no rule for are retried (transient-looking) or recorded, never raised.
+
+    The openai package wraps every transport problem in its own types, so an unknown error
+    cannot be provoked over the wire: it is raised above the HTTP layer, in `_attempt`,
+    while all other requests go to the real server.
+    """
+    real_attempt = TeacherClient._attempt
+    calls: Counter = Counter()
+
+    async def attempt(self, prompt, params):
+        text = prompt[-1]["content"]
+        calls[text] += 1
+        if text.startswith("q1: ") and calls[text] == 1:
+            raise openai.APIError("upstream temporarily unavailable", httpx.Request("POST", self.base_url), body=None)
+        if text.startswith("q2: "):
+            raise openai.OpenAIError("content policy violation")
+        return await real_attempt(self, prompt, params)
+
+    monkeypatch.setattr(TeacherClient, "_attempt", attempt)
+    summary = collect(_config(server, tmp_path, n=6))
+    assert (summary.completed, summary.failed, summary.retries) == (5, 1, 1)
+    assert summary.retry_reasons == {"unexpected error (APIError)": 1}
+    (failure,) = load_failures(tmp_path / "out")
+    assert failure["kind"] == "permanent" and failure["attempts"] == 1
+    assert failure["reason"] == "unexpected error (OpenAIError: content policy violation)"
+    monkeypatch.undo()
+    assert collect(_config(server, tmp_path, n=6)).completed == 1  # the re-run retries the failed unit
+
+
+def test_fatal_error_keeps_the_answers_in_flight(tmp_path):
+    """A fatal stop sends nothing new but waits for the requests in flight and saves their answers."""
+    model, tok = tiny_teacher(seed=1)
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "x" * 1100}] + [{"prompt": f"good question {i}"} for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # The engine holds each batch 0.8 s: the too-long prompt's 400 comes back well before the rest.
+    with TeacherServer(model, tok, model_name="tiny", batch_wait_ms=800) as srv:
+        cfg = _config(srv, tmp_path, prompts=path, concurrency=4, max_consecutive_failures=1)
+        start = time.monotonic()
+        with pytest.raises(CollectError, match=r"stopping after 1 consecutive failed requests .*context length"):
+            collect(cfg)
+        assert time.monotonic() - start > 0.7  # it waited for the three requests in flight
+        assert srv.handler.requests_ok == 3
+        assert len(load_records(cfg.out)) == 3 and len(load_failures(cfg.out)) == 1
+        cfg.max_consecutive_failures = 0
+        summary = collect(cfg)
+        assert (summary.already_done, summary.completed, summary.failed) == (3, 3, 1)
+        assert srv.handler.requests_ok == 6  # each answer was paid for once
+    records = load_records(cfg.out)
+    assert sorted(r["prompt"][0]["content"] for r in records) == [f"good question {i}" for i in range(6)]
+    assert count_lines(cfg.out / RECORDS_FILE) == 6
+
+
+def test_fsync_is_also_time_based(tmp_path):
+    appender = JsonlAppender(tmp_path / "a.jsonl", fsync_every=1000, fsync_interval=0.1)
+    appender.write({"i": 0})
+    assert (appender.pending, appender.sync_stale(), appender.syncs) == (1, False, 0)
+    time.sleep(0.12)
+    assert appender.sync_stale() and (appender.pending, appender.syncs) == (0, 1)
+    appender.write({"i": 1})
+    time.sleep(0.12)
+    appender.write({"i": 2})  # the oldest unsynced line is old: this write syncs both
+    assert (appender.pending, appender.syncs) == (0, 2)
+    appender.close()
+    for kwargs, name in [({"fsync_interval": 0}, "fsync_interval"), ({"fsync_every": 0}, "fsync_every")]:
+        with pytest.raises(ValueError, match=name):
+            JsonlAppender(tmp_path / "b.jsonl", **kwargs)
+    with pytest.raises(CollectError, match="fsync_interval"):
+        collect(
+            CollectConfig(
+                prompts=write_prompts(tmp_path / "p.jsonl", 1),
+                out=tmp_path / "o",
+                base_url="u",
+                model="m",
+                fsync_interval=-1.0,
+            )
+        )
+
+
+def testhousekeeping_syncs_stale_lines_and_draws_the_bar(tmp_path):
+    store = OutputDir(tmp_path / "out", fsync_every=1000, fsync_interval=0.1)
+    store.open({"model": "m"})
+    stats = Stats()
+    bar = ProgressBar(stats, total=2, initial=0, enabled=False)
+
+    async def run():
+        ticker = asyncio.create_task(housekeeping(store, bar, 0.05))
+        store.records.write({"prompt_hash": "h"})
+        stats.retry_started("timeout")
+        bar.refresh()
+        stats.retry_ended()
+        bar.refresh()  # within 0.2 s of the last draw: deferred, the bar still shows 1
+        assert bar.shown["retrying"] == 1
+        await asyncio.sleep(0.3)
+        ticker.cancel()
+
+    try:
+        asyncio.run(run())
+        assert store.records.pending == 0 and store.records.syncs == 1
+        assert bar.shown["retrying"] == 0 and bar.shown["retries"] == 1
+    finally:
+        bar.close()
+        store.close()
 
 
 def test_api_key_comes_from_environment(server, tmp_path, monkeypatch):

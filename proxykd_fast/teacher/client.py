@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import email.utils
+import contextlib
 import json
 import logging
 import os
@@ -16,17 +16,24 @@ from urllib.parse import urlparse
 
 import openai
 
+from .errors import BadResponse, Failure, FatalAPIError, classify, parse_retry_after
+
+__all__ = [
+    "BadResponse",
+    "Completion",
+    "Failure",
+    "FatalAPIError",
+    "Outcome",
+    "RetryPolicy",
+    "TeacherClient",
+    "classify",
+    "parse_body",
+    "parse_retry_after",
+]
+
 Mode = Literal["chat", "completions"]
 log = logging.getLogger(__name__)
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
-
-
-class FatalAPIError(RuntimeError):
-    """A failure that no retry can fix (bad key, unknown model, unreachable server): stop the run."""
-
-
-class BadResponse(Exception):
-    """A 2xx response that cannot be used (invalid JSON, no choices, empty content)."""
 
 
 @dataclass
@@ -43,15 +50,6 @@ class RetryPolicy:
         """Exponential backoff with jitter in [d/2, d] for the `retry_number`-th retry (1-based)."""
         delay = min(self.backoff_max, self.backoff_base * (2 ** (retry_number - 1)))
         return delay * (0.5 + 0.5 * rng.random())
-
-
-@dataclass
-class Failure:
-    """Why one attempt failed and whether another attempt may succeed."""
-
-    kind: Literal["retry", "permanent", "fatal"]
-    reason: str
-    retry_after: float | None = None
 
 
 @dataclass
@@ -91,70 +89,6 @@ def resolve_api_key(env_var: str, base_url: str) -> str:
     if not is_local_url(base_url):
         log.warning("$%s is not set; sending a dummy key to %s", env_var, base_url)
     return "EMPTY"
-
-
-def parse_retry_after(headers: Any) -> float | None:
-    """Read Retry-After (seconds or HTTP date) or retry-after-ms from response headers."""
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _error_message(exc: openai.APIStatusError) -> str:
-    """Pull the human-readable message out of an OpenAI-style error body."""
-    body = exc.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-        if isinstance(body.get("message"), str):
-            return body["message"]
-    return str(exc.message)
-
-
-def classify(exc: BaseException, base_url: str, model: str, key_env: str) -> Failure:
-    """Map an exception from one attempt to retry / permanent (this unit) / fatal (whole run)."""
-    if isinstance(exc, (asyncio.TimeoutError, openai.APITimeoutError)):
-        return Failure("retry", "timeout")
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__
-        detail = type(cause).__name__ if cause is not None else "connection failed"
-        return Failure("retry", f"connection error ({detail})")
-    if isinstance(exc, BadResponse):
-        return Failure("retry", f"bad response: {exc}")
-    if isinstance(exc, openai.APIStatusError):
-        code = exc.status_code
-        msg = _error_message(exc)
-        if code == 429:
-            return Failure("retry", "rate limited (429)", parse_retry_after(exc.response.headers))
-        if code >= 500 or code in (408, 409):
-            return Failure("retry", f"server error ({code})", parse_retry_after(exc.response.headers))
-        if code in (401, 403):
-            return Failure(
-                "fatal",
-                f"authentication failed ({code}) at {base_url}: {msg}. Set the API key in ${key_env}.",
-            )
-        if code == 404:
-            return Failure("fatal", f"not found (404) at {base_url} for model {model!r}: {msg}")
-        return Failure("permanent", f"request rejected ({code}): {msg}")
-    raise exc
 
 
 def parse_body(text: str, mode: Mode) -> dict[str, Any]:
@@ -208,7 +142,8 @@ class TeacherClient:
         self.api_key_env = api_key_env
         self.policy = policy or RetryPolicy()
         self._rng = random.Random(rng_seed)
-        self.retrying_now = 0  # units currently sleeping before their next attempt
+        self.answered = False  # has the server sent back anything at all (even an error)?
+        self._logged_unexpected: set[str] = set()
         # The openai client must not retry: retries are ours, so they are counted and bounded.
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
@@ -240,41 +175,76 @@ class TeacherClient:
             request_id=raw.headers.get("x-request-id"),
         )
 
+    def _classify(self, exc: Exception) -> Failure:
+        """Classify one failed attempt and remember whether the server answered at all."""
+        failure = classify(exc, self.base_url, self.model, self.api_key_env)
+        if not failure.no_response:
+            self.answered = True
+        name = type(exc).__name__
+        if failure.reason.startswith("unexpected error") and name not in self._logged_unexpected:
+            self._logged_unexpected.add(name)  # once per type: a systematic error must not flood the log
+            log.warning("unexpected %s from the teacher client: %s", name, exc, exc_info=exc)
+        return failure
+
+    def _final(self, failure: Failure, attempts: int) -> Failure:
+        """The failure to report once retries are used up; no answer ever from the server is fatal."""
+        if failure.kind != "retry":
+            return failure
+        if failure.no_response and not self.answered:
+            return Failure(
+                "fatal",
+                f"cannot reach the teacher at {self.base_url}: {failure.reason} after {attempts} attempts "
+                "(it has not answered a single request; check --base-url and --timeout)",
+            )
+        return Failure("retry", f"{failure.reason} after {attempts} attempts")
+
+    def _delay(self, failure: Failure, attempt: int) -> float:
+        """Backoff before the next attempt: the server's Retry-After (capped) or exponential with jitter."""
+        if failure.retry_after is not None:
+            return min(self.policy.max_retry_after, failure.retry_after) + 0.1 * self._rng.random()
+        return self.policy.backoff(attempt, self._rng)
+
     async def complete(
         self,
         prompt: Any,
         params: dict[str, Any],
         on_retry: Callable[[str, float], None] | None = None,
+        on_resume: Callable[[], None] | None = None,
+        stop: asyncio.Event | None = None,
     ) -> Outcome:
         """Get one completion with up to `max_retries` retries; never raises for API failures.
 
-        `on_retry(reason, delay)` is called before each backoff sleep (for counting).
+        `on_retry(reason, delay)` is called before each backoff sleep and `on_resume()` after it.
+        Once `stop` is set no new attempt starts (a backoff sleep ends at once) and the outcome
+        is a "stopped" failure; an attempt already in flight runs to its end (at most `timeout`).
         """
         start = time.monotonic()
         reasons: list[str] = []
         attempt = 0
         while True:
+            if stop is not None and stop.is_set():
+                failure = Failure("stopped", "not sent: the run is stopping")
+                return Outcome(None, failure, attempt, time.monotonic() - start, reasons)
             attempt += 1
             try:
                 completion = await self._attempt(prompt, params)
+                self.answered = True
                 return Outcome(completion, None, attempt, time.monotonic() - start, reasons)
-            except (asyncio.TimeoutError, openai.OpenAIError, BadResponse) as exc:
-                failure = classify(exc, self.base_url, self.model, self.api_key_env)
+            except Exception as exc:  # every failure is classified; none may crash the run
+                failure = self._classify(exc)
             if failure.kind != "retry" or attempt > self.policy.max_retries:
-                if failure.kind == "retry":
-                    failure = Failure("retry", f"{failure.reason} after {attempt} attempts")
-                return Outcome(None, failure, attempt, time.monotonic() - start, reasons)
+                return Outcome(None, self._final(failure, attempt), attempt, time.monotonic() - start, reasons)
+            if stop is not None and stop.is_set():
+                continue  # no retry: the loop head reports the unit as stopped
             reasons.append(failure.reason)
-            delay = self.policy.backoff(attempt, self._rng)
-            if failure.retry_after is not None:
-                delay = min(self.policy.max_retry_after, failure.retry_after) + 0.1 * self._rng.random()
-            self.retrying_now += 1
+            delay = self._delay(failure, attempt)
             if on_retry is not None:
                 on_retry(failure.reason, delay)
             try:
-                await asyncio.sleep(delay)
+                await _sleep(delay, stop)
             finally:
-                self.retrying_now -= 1
+                if on_resume is not None:
+                    on_resume()
 
     async def check_model(self) -> None:
         """Ask /models (with retries) so a wrong URL, key or model name fails before any billing."""
@@ -283,28 +253,37 @@ class TeacherClient:
             attempt += 1
             try:
                 page = await asyncio.wait_for(self._client.models.list(), timeout=self.policy.timeout)
+                self.answered = True
                 break
-            except (asyncio.TimeoutError, openai.OpenAIError) as exc:
+            except Exception as exc:
                 if isinstance(exc, openai.NotFoundError):
+                    self.answered = True
                     return  # the server has no /models endpoint; the first request will tell
-                if (
-                    isinstance(exc, openai.APIStatusError)
-                    and exc.status_code not in (401, 403, 429)
-                    and (exc.status_code < 500)
-                ):
-                    return
-                failure = classify(exc, self.base_url, self.model, self.api_key_env)
+                failure = self._classify(exc)
+            if failure.kind == "permanent":
+                return  # /models is optional and this one is odd; the first request will tell
             if failure.kind == "fatal":
                 raise FatalAPIError(failure.reason)
             if attempt > self.policy.max_retries:
+                if failure.no_response and not self.answered:
+                    raise FatalAPIError(
+                        f"cannot reach the teacher at {self.base_url}: {failure.reason} after {attempt} attempts"
+                    )
                 raise FatalAPIError(
-                    f"cannot reach the teacher at {self.base_url}: {failure.reason} after {attempt} attempts"
+                    f"the teacher at {self.base_url} keeps failing on /models: {failure.reason} "
+                    f"after {attempt} attempts"
                 )
-            delay = self.policy.backoff(attempt, self._rng)
-            if failure.retry_after is not None:
-                delay = min(self.policy.max_retry_after, failure.retry_after)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self._delay(failure, attempt))
         ids = [m.id for m in getattr(page, "data", [])]
         if ids and self.model not in ids:
             shown = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
             raise FatalAPIError(f"model {self.model!r} is not served at {self.base_url} (available: {shown})")
+
+
+async def _sleep(delay: float, stop: asyncio.Event | None) -> None:
+    """Sleep `delay` seconds, or less if `stop` gets set meanwhile."""
+    if stop is None:
+        await asyncio.sleep(delay)
+        return
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=delay)

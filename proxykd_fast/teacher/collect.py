@@ -50,6 +50,7 @@ class CollectConfig:
     format: RecordFormat = "prompt_completion"
     progress: bool = True
     fsync_every: int = 8
+    fsync_interval: float = 2.0
     check_model: bool = True
     allow_config_change: bool = False
     max_consecutive_failures: int = 50
@@ -165,8 +166,21 @@ def plan_units(config: CollectConfig, summary: CollectSummary) -> list[Unit]:
     return units
 
 
+async def housekeeping(store: OutputDir, bar: ProgressBar, period: float) -> None:
+    """Every `period` seconds: fsync lines older than the fsync interval, draw changed counters."""
+    while True:
+        await asyncio.sleep(period)
+        store.sync_stale()
+        bar.flush()
+
+
 async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, stats: Stats, bar: ProgressBar) -> None:
-    """Drive `concurrency` workers over the pending units until done or a fatal error."""
+    """Drive `concurrency` workers over the pending units until done or a fatal error.
+
+    A fatal error (auth, unknown model, unreachable server, too many failures in a row) stops
+    handing out units and ends backoff sleeps, but lets requests already in flight finish (each
+    within its timeout) and writes their answers, which were paid for; then it raises.
+    """
     policy = RetryPolicy(
         max_retries=config.max_retries,
         timeout=config.timeout,
@@ -178,18 +192,29 @@ async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, s
         config.base_url, config.model, mode=config.mode, api_key_env=config.api_key_env, policy=policy
     )
     consecutive_failures = 0
+    stop = asyncio.Event()
+    errors: list[str] = []
+
+    def halt(reason: str) -> None:
+        errors.append(reason)
+        stop.set()
 
     def on_retry(reason: str, delay: float) -> None:
-        stats.retries += 1
-        stats.retry_reasons[reason] += 1
-        stats.retrying_now = client.retrying_now
+        stats.retry_started(reason)
+        bar.refresh()
+
+    def on_resume() -> None:
+        stats.retry_ended()
         bar.refresh()
 
     async def worker() -> None:
         nonlocal consecutive_failures
         for unit in units:
-            outcome = await client.complete(unit.prompt, config.request_params(unit.sample_index), on_retry)
-            stats.retrying_now = client.retrying_now
+            if stop.is_set():
+                return  # the unit stays pending for the next run
+            outcome = await client.complete(
+                unit.prompt, config.request_params(unit.sample_index), on_retry, on_resume, stop
+            )
             if outcome.completion is not None:
                 record = build_record(
                     unit,
@@ -208,37 +233,40 @@ async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, s
                 continue
             failure = outcome.failure
             assert failure is not None
+            if failure.kind == "stopped":
+                return
             if failure.kind == "fatal":
-                raise FatalAPIError(failure.reason)
+                halt(failure.reason)
+                return
             store.failures.write(build_failure(unit, failure, outcome.attempts, outcome.retry_reasons))
             stats.failed += 1
             stats.failure_reasons[failure.reason] += 1
             bar.refresh(advance=1)
             consecutive_failures += 1
             if config.max_consecutive_failures and consecutive_failures >= config.max_consecutive_failures:
-                raise FatalAPIError(
+                halt(
                     f"stopping after {consecutive_failures} consecutive failed requests "
                     f"(last: {failure.reason}); re-run to resume"
                 )
+                return
 
     tasks: list[asyncio.Task] = []
-    error: str | None = None
+    ticker = asyncio.create_task(housekeeping(store, bar, min(0.5, config.fsync_interval / 2)))
     try:
         if config.check_model:
             await client.check_model()
         tasks = [asyncio.create_task(worker()) for _ in range(max(1, config.concurrency))]
-        # The first fatal error cancels the other workers (their in-flight answers are not
-        # written, so at most `concurrency` requests are repeated by the next run).
         await asyncio.gather(*tasks)
     except FatalAPIError as exc:
-        error = str(exc)
+        errors.append(str(exc))
     finally:
-        for task in tasks:
+        # Workers still running here mean Ctrl-C, cancellation or a bug; only then is an answer in flight lost.
+        for task in (*tasks, ticker):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, ticker, return_exceptions=True)
         await client.close()
-    if error is not None:
-        raise CollectError(error)
+    if errors:
+        raise CollectError(errors[0])
 
 
 def collect(config: CollectConfig) -> CollectSummary:
@@ -251,7 +279,10 @@ async def acollect(config: CollectConfig) -> CollectSummary:
     start = time.monotonic()
     summary = CollectSummary(out_dir=str(config.out))
     units = plan_units(config, summary)
-    store = OutputDir(config.out, fsync_every=config.fsync_every)
+    try:
+        store = OutputDir(config.out, fsync_every=config.fsync_every, fsync_interval=config.fsync_interval)
+    except ValueError as exc:
+        raise CollectError(str(exc)) from None
     try:
         done = store.open(config.run_info(), allow_config_change=config.allow_config_change)
     except StoreError as exc:

@@ -33,6 +33,16 @@ class Stats:
             self.prompt_tokens * self.price_input_per_1k + self.completion_tokens * self.price_output_per_1k
         ) / 1000.0
 
+    def retry_started(self, reason: str) -> None:
+        """A unit failed with `reason` and now sleeps before its next attempt."""
+        self.retries += 1
+        self.retry_reasons[reason] += 1
+        self.retrying_now += 1
+
+    def retry_ended(self) -> None:
+        """A unit's backoff sleep is over (it tries again, or gives up because the run stops)."""
+        self.retrying_now -= 1
+
     def add_usage(self, usage: dict[str, int]) -> None:
         """Count the tokens of one completed request."""
         self.prompt_tokens += usage.get("prompt_tokens", 0)
@@ -45,6 +55,8 @@ class ProgressBar:
     def __init__(self, stats: Stats, total: int, initial: int, enabled: bool = True) -> None:
         self.stats = stats
         self._last = 0.0
+        self._dirty = False
+        self._shown: dict[str, Any] = {}
         self._bar = tqdm(
             total=total,
             initial=initial,
@@ -68,13 +80,30 @@ class ProgressBar:
         }
 
     def refresh(self, advance: int = 0, force: bool = False) -> None:
-        """Advance the bar by `advance` units and redraw the counters at most 5 times a second."""
+        """Advance the bar by `advance` units and redraw the counters at most 5 times a second.
+
+        A change that falls inside the 0.2 s window is drawn by the next `flush()`.
+        """
         if advance:
             self._bar.update(advance)
         now = time.monotonic()
         if force or now - self._last > 0.2:
             self._last = now
-            self._bar.set_postfix(self._postfix(), refresh=True)
+            self._dirty = False
+            self._shown = self._postfix()
+            self._bar.set_postfix(self._shown, refresh=True)
+        else:
+            self._dirty = True
+
+    def flush(self) -> None:
+        """Draw counters that changed since the last draw (call it periodically)."""
+        if self._dirty:
+            self.refresh(force=True)
+
+    @property
+    def shown(self) -> dict[str, Any]:
+        """The counters as last drawn."""
+        return dict(self._shown)
 
     def close(self) -> None:
         """Draw the final state and release the terminal line."""

@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .client import Completion, Failure, Mode
+from .client import Completion, Mode
+from .errors import Failure
 from .prompts import Prompt
 
 RecordFormat = Literal["prompt_completion", "messages"]

@@ -6,6 +6,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -109,29 +110,58 @@ def to_parquet(out_dir: str | Path, path: str | Path) -> Path:
     return path
 
 
-class JsonlAppender:
-    """Append JSON lines: each line reaches the OS at once, and an fsync follows every few lines."""
+def check_fsync_settings(fsync_every: int, fsync_interval: float) -> None:
+    """Raise ValueError naming the argument unless fsync_every >= 1 and fsync_interval > 0."""
+    if isinstance(fsync_every, bool) or not isinstance(fsync_every, int) or fsync_every < 1:
+        raise ValueError(f"fsync_every must be an integer >= 1, got {fsync_every!r}")
+    if isinstance(fsync_interval, bool) or not isinstance(fsync_interval, (int, float)) or not fsync_interval > 0:
+        raise ValueError(f"fsync_interval must be a number of seconds > 0, got {fsync_interval!r}")
 
-    def __init__(self, path: Path, fsync_every: int = 8) -> None:
+
+class JsonlAppender:
+    """Append JSON lines: each line reaches the OS at once; an fsync follows every `fsync_every`
+    lines, or once the oldest unsynced line is `fsync_interval` seconds old (see `sync_stale`)."""
+
+    def __init__(self, path: Path, fsync_every: int = 8, fsync_interval: float = 2.0) -> None:
+        check_fsync_settings(fsync_every, fsync_interval)
         self.path = path
-        self.fsync_every = max(1, fsync_every)
+        self.fsync_every = fsync_every
+        self.fsync_interval = float(fsync_interval)
         self._pending = 0
+        self._oldest = 0.0  # monotonic time of the oldest unsynced line
+        self.syncs = 0
         self._fh: TextIO = path.open("a", encoding="utf-8")
+
+    @property
+    def pending(self) -> int:
+        """Lines written since the last fsync."""
+        return self._pending
 
     def write(self, row: dict[str, Any]) -> None:
         """Write one row as a single line; a kill -9 after this returns cannot lose it."""
         line = json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
         self._fh.write(line)
         self._fh.flush()
+        now = time.monotonic()
+        if not self._pending:
+            self._oldest = now
         self._pending += 1
-        if self._pending >= self.fsync_every:
+        if self._pending >= self.fsync_every or now - self._oldest >= self.fsync_interval:
             self.sync()
+
+    def sync_stale(self) -> bool:
+        """fsync if the oldest unsynced line is `fsync_interval` old; call it periodically. True if it synced."""
+        if self._pending and time.monotonic() - self._oldest >= self.fsync_interval:
+            self.sync()
+            return True
+        return False
 
     def sync(self) -> None:
         """Force written lines to disk (protects against power loss, not just process death)."""
         if self._pending:
             os.fsync(self._fh.fileno())
             self._pending = 0
+            self.syncs += 1
 
     def close(self) -> None:
         """Sync and close the file."""
@@ -143,9 +173,11 @@ class JsonlAppender:
 class OutputDir:
     """The collection output directory: lock, repair on open, completed hashes, appenders."""
 
-    def __init__(self, path: str | Path, fsync_every: int = 8) -> None:
+    def __init__(self, path: str | Path, fsync_every: int = 8, fsync_interval: float = 2.0) -> None:
+        check_fsync_settings(fsync_every, fsync_interval)
         self.path = Path(path)
         self.fsync_every = fsync_every
+        self.fsync_interval = fsync_interval
         self._lock_fh: TextIO | None = None
         self.records: JsonlAppender | None = None
         self.failures: JsonlAppender | None = None
@@ -175,8 +207,8 @@ class OutputDir:
             self._check_run_info(run_info, allow_config_change)
             self.repaired_bytes = repair_jsonl(self.records_path) + repair_jsonl(self.failures_path)
             done = {r["prompt_hash"] for r in iter_jsonl(self.records_path) if "prompt_hash" in r}
-            self.records = JsonlAppender(self.records_path, self.fsync_every)
-            self.failures = JsonlAppender(self.failures_path, self.fsync_every)
+            self.records = JsonlAppender(self.records_path, self.fsync_every, self.fsync_interval)
+            self.failures = JsonlAppender(self.failures_path, self.fsync_every, self.fsync_interval)
         except BaseException:
             self.close()
             raise
@@ -201,6 +233,12 @@ class OutputDir:
         tmp = run_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, run_path)
+
+    def sync_stale(self) -> None:
+        """Time-based fsync of both appenders (cheap when nothing is pending)."""
+        for appender in (self.records, self.failures):
+            if appender is not None:
+                appender.sync_stale()
 
     def close(self) -> None:
         """Sync and close the appenders and release the lock."""
