@@ -13,6 +13,7 @@ busy 2-core machine ran several times slower in our measurements).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -62,7 +63,10 @@ def main() -> int:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--num-threads", type=int, default=None, help="server torch threads")
     p.add_argument("--warmup", type=int, default=4, help="requests sent first and not timed")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "teacher_throughput.json",
+                   help="JSON file for the results")
     args = p.parse_args()
+    rows: list[dict] = []
 
     port = free_port()
     server = start_server(args.model, port, args.max_batch_size, args.num_threads)
@@ -89,9 +93,18 @@ def main() -> int:
                     print(f"warning: {summary.failed} failures at concurrency {conc}")
                 s = summary.elapsed_s
                 print(f"{conc:>11} {s:>8.2f} {summary.completed / s:>8.2f} {summary.completion_tokens / s:>10.1f}")
+                rows.append({"concurrency": conc, "seconds": s, "completed": summary.completed,
+                             "failed": summary.failed, "requests_per_s": summary.completed / s,
+                             "completion_tokens_per_s": summary.completion_tokens / s})
     finally:
         server.terminate()
         server.wait(timeout=30)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"machine": f"{os.cpu_count()}-core CPU ({platform.machine()})", "model": args.model,
+              "prompts": args.prompts, "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size,
+              "server_threads": args.num_threads, "results": rows}
+    args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
     return 0
 
 
