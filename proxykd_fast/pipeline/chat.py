@@ -1,0 +1,107 @@
+"""TRL record formats to token ids: chat templates for conversational data, plain text otherwise.
+
+A record is conversational when its prompt is a list of messages, when it is a `messages` record,
+or when its completion / chosen / rejected is a list of messages (the teacher collector's chat
+mode writes `completion: [{"role": "assistant", ...}]`; a plain-string prompt next to such a
+completion is taken as one user turn, as the collector itself does). Conversational prompts are
+rendered exactly as the teacher server renders them (`teacher.chat_format.render_chat`: the
+tokenizer's chat template with the generation prompt, or the same plain-text fallback), and their
+answers end with the template's end-of-turn token (e.g. `<|im_end|>`) instead of eos.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_PROBE = "PROXYKDPROBEANSWER"
+
+
+def message_text(content: Any) -> str:
+    """Message content as a string, flattened exactly as the teacher server does it."""
+    if isinstance(content, str):
+        return content
+    from proxykd_fast.teacher.chat_format import message_text as flatten  # imported lazily: the teacher is heavy
+
+    return flatten(content)
+
+
+def is_conversational(value: Any) -> bool:
+    """True for a non-empty list of {role, content} messages."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _messages(value: Any, what: str) -> list[dict[str, str]]:
+    """Messages normalised to {role, content: str}, or a ValueError saying what was expected."""
+    if not is_conversational(value):
+        raise ValueError(f"{what} must be a string or a list of {{role, content}} messages, got {value!r:.80}")
+    return [{"role": str(m["role"]), "content": message_text(m.get("content"))} for m in value]
+
+
+def _answer_text(answer: Any) -> str:
+    """The assistant text of a completion given as a string or a list of messages."""
+    if isinstance(answer, list):
+        return "".join(message_text(m.get("content")) for m in answer
+                       if isinstance(m, dict) and m.get("role", "assistant") == "assistant")
+    return message_text(answer)
+
+
+def split_record(rec: dict[str, Any]) -> tuple[str | list[dict[str, str]], str, str | None]:
+    """(prompt, chosen answer text, rejected text or None); the prompt is a message list for chat data."""
+    if "messages" in rec and "prompt" not in rec:
+        msgs = _messages(list(rec["messages"]), "messages")
+        if msgs[-1]["role"] != "assistant":
+            raise ValueError("a messages record must end with an assistant turn")
+        return msgs[:-1], msgs[-1]["content"], None
+    if "prompt" not in rec:
+        raise ValueError(f"record has neither prompt nor messages: keys {sorted(rec)}")
+    answer = rec.get("completion", rec.get("chosen"))
+    if answer is None:
+        raise ValueError("record has a prompt but no completion/chosen")
+    rejected = rec.get("rejected")
+    prompt = rec["prompt"]
+    chat = not isinstance(prompt, str) or any(is_conversational(x) for x in (answer, rejected))
+    if chat:
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt")
+    return prompt, _answer_text(answer), None if rejected is None else _answer_text(rejected)
+
+
+def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a prompt: rendered like the teacher server (chat template + generation prompt) or plain text."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    from proxykd_fast.teacher.chat_format import render_chat
+
+    return render_chat(tokenizer, _messages(prompt, "prompt"))
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Tokens that close an assistant turn in the chat template (e.g. <|im_end|>); [eos] when it has none."""
+    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template may refuse the probe: fall back to eos
+        return eos
+    if not isinstance(text, str) or _PROBE not in text:
+        return eos
+    tail = text[text.rindex(_PROBE) + len(_PROBE):].strip()
+    ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
+    return ids or eos
+
+
+def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Ids that end generation: the model's and tokenizer's eos plus the chat template's end-of-turn token."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id, end_of_turn_ids(tokenizer)[-1:] or None):
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+    return ids
+
+
+def completion_ids(tokenizer: Any, text: str, end: list[int]) -> list[int]:
+    """Token ids of an answer followed by `end` (eos or the end-of-turn token; [] for a cut-off answer)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + list(end)
