@@ -30,25 +30,81 @@ def load_model(path: str, dtype: str = "float32") -> nn.Module:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     check_supported(model)
+    check_head_matches_logits(model, path)
     return model
+
+
+SOFTCAPPING_KEYS = ("final_logit_softcapping", "attn_logit_softcapping_final")
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """The model's config and, when different, its (possibly nested) text config (e.g. Gemma-3's)."""
+    cfg = getattr(_causal_lm(model), "config", None)
+    if cfg is None:
+        return []
+    found = [cfg]
+    nested = getattr(cfg, "text_config", None)
+    get_text = getattr(cfg, "get_text_config", None)
+    if nested is None and callable(get_text):
+        try:
+            nested = get_text()
+        except (TypeError, ValueError):  # pragma: no cover - exotic configs
+            nested = None
+    if nested is not None and nested is not cfg:
+        found.append(nested)
+    return found
 
 
 def check_supported(model: nn.Module) -> None:
     """Refuse models whose logits are not `hidden @ W.T + b` up to a scale (e.g. Gemma softcapping)."""
-    cfg = getattr(model, "config", None)
-    for name in ("final_logit_softcapping", "attn_logit_softcapping_final"):
-        if getattr(cfg, name, None):
-            raise PipelineError(
-                f"model config sets {name}={getattr(cfg, name)}: the fused losses compute plain "
-                "hidden @ W.T logits and cannot apply tanh softcapping; this model is not supported"
-            )
+    for i, cfg in enumerate(_configs(model)):
+        where = "text_config." if i else ""
+        for name in SOFTCAPPING_KEYS:
+            if getattr(cfg, name, None):
+                raise PipelineError(
+                    f"model config sets {where}{name}={getattr(cfg, name)}: the fused losses compute plain "
+                    "hidden @ W.T logits and cannot apply tanh softcapping; this model is not supported"
+                )
+        scaling = getattr(cfg, "logits_scaling", None)
+        if scaling is not None and not float(scaling) > 0:
+            raise PipelineError(f"model config sets {where}logits_scaling={scaling}: expected a positive divisor")
 
 
 def logit_scale(model: nn.Module) -> float:
-    """The multiplier applied to the logits by the model (Cohere `logit_scale`), 1.0 for most models."""
-    cfg = getattr(_unwrap(model), "config", None)
-    scale = getattr(cfg, "logit_scale", None)
-    return 1.0 if scale is None else float(scale)
+    """The multiplier the model applies to its logits: Cohere's `logit_scale`, 1 / Granite's `logits_scaling`."""
+    scale = 1.0
+    for cfg in _configs(model):
+        cohere = getattr(cfg, "logit_scale", None)
+        granite = getattr(cfg, "logits_scaling", None)
+        if cohere is not None:
+            scale *= float(cohere)
+        if granite is not None:
+            scale /= float(granite)
+    return scale
+
+
+@torch.no_grad()
+def check_head_matches_logits(model: nn.Module, name: str = "model") -> None:
+    """Run 4 tokens through the model and refuse it if its logits are not what the fused losses compute."""
+    was_training = model.training
+    model.eval()
+    head, bias = head_params(model)
+    device = head.device
+    ids = torch.arange(1, 5, device=device).clamp_max(head.shape[0] - 1)[None]
+    mask = torch.ones_like(ids)
+    try:
+        want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+    hidden, w, b = HiddenAndHead(model)(ids, mask)
+    got = hidden.float() @ w.float().t() + (0 if b is None else b.float())
+    tol = (1e-3 if head.dtype in (torch.float32, torch.float64) else 5e-2) * (1 + float(want.abs().max()))
+    err = float((got - want).abs().max())
+    if not err <= tol:
+        raise PipelineError(
+            f"{name}: the model's logits differ from backbone hidden @ lm_head.weight.T (max error {err:.3g}): "
+            "it post-processes its logits in a way the fused losses do not reproduce; this model is not supported"
+        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -102,6 +158,7 @@ class HiddenAndHead(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        check_supported(model)
         self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
