@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def test_end_to_end_tiny(env: dict[str, Path], tmp_path: Path) -> None:
     AutoModelForCausalLM.from_pretrained(proxy_out)
     targets = tmp_path / "targets"
     rc = main(["precompute", "--proxy", str(proxy_out), "--data", str(env["train"]), "--output-dir", str(targets),
-               "--top-k", "5", "--shard-size", "10", "--no-progress"])
+               "--top-k", "5", "--shard-size", "10", "--split", "0:1", "--no-progress"])
     assert rc == 0
     manifest, trows, weights = load_targets(targets)
     assert manifest["num_samples"] == 24 and len(manifest["shards"]) == 3 and len(weights) == 24
@@ -104,7 +105,8 @@ def test_end_to_end_tiny(env: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_sft_only_and_online_proxy(env: dict[str, Path], tmp_path: Path) -> None:
-    base = dict(student=str(env["student"]), data=str(env["train"]), max_steps=2, batch_size=4, progress=False)
+    base = dict(student=str(env["student"]), data=str(env["train"]), split="0:1", max_steps=2, batch_size=4,
+                progress=False)
     assert distill(DistillConfig(output_dir=str(tmp_path / "sft"), alpha=0.0, **base))["finished"]
     res = distill(DistillConfig(output_dir=str(tmp_path / "online"), proxy=str(env["proxy"]), alpha=1.0, **base))
     assert res["finished"]
@@ -121,7 +123,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 def test_resume_gives_identical_weights(env: dict[str, Path], tmp_path: Path) -> None:
     targets = tmp_path / "targets"
     precompute(PrecomputeConfig(proxy=str(env["proxy"]), data=str(env["train"]), output_dir=str(targets), top_k=4,
-                                progress=False))
+                                split="0:1", progress=False))
     base = dict(student=str(env["student"]), targets=str(targets), max_steps=6, batch_size=5, alpha=2.0,
                 save_every=2, progress=False, learning_rate=1e-2, lr_scheduler="linear", warmup_steps=2,
                 eval_data=str(env["val"]), eval_every=2, early_stopping_patience=10)
@@ -145,7 +147,7 @@ def test_vocab_mismatch_is_refused(env: dict[str, Path], tmp_path: Path) -> None
         check_same_vocab(build_tokenizer(N_WORDS), build_tokenizer(N_WORDS + 3))
     targets = tmp_path / "targets"
     precompute(PrecomputeConfig(proxy=str(env["proxy"]), data=str(env["train"]), output_dir=str(targets), top_k=3,
-                                progress=False))
+                                split="0:1", progress=False))
     with pytest.raises(PipelineError, match="shared vocabulary"):
         distill(DistillConfig(student=str(other), targets=str(targets), output_dir=str(tmp_path / "s"), max_steps=1,
                               progress=False))
@@ -174,15 +176,16 @@ def test_softcapping_is_refused() -> None:
 def test_precompute_resumes_and_standardizes(env: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "t"
     cfg = PrecomputeConfig(proxy=str(env["proxy"]), data=str(env["train"]), output_dir=str(out), top_k=4,
-                           shard_size=10, progress=False, format="safetensors")
+                           shard_size=10, split="0:1", progress=False, format="safetensors")
     first = precompute(cfg)
     assert first["written"] == 3 and first["skipped"] == 0
     before = (out / "shard-00001.safetensors").read_bytes()
     (out / "shard-00001.safetensors").unlink()  # as if killed before this shard was written
-    second = precompute(cfg)
+    second = precompute(dataclasses.replace(cfg, resume=True))
     assert second["written"] == 1 and second["skipped"] == 2
     _, rows, weights = load_targets(out)
-    assert (out / "shard-00001.safetensors").read_bytes() == before or len(rows) == 24
+    assert (out / "shard-00001.safetensors").read_bytes() == before
+    assert len(rows) == 24 and [r.index for r in rows] == list(range(24))
     ll = torch.tensor([r.loglik for r in rows], dtype=torch.float64)
     z = (ll - ll.mean()) / ll.std(unbiased=False)
     expect = torch.sigmoid(z).float()

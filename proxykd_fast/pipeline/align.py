@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from proxykd_fast.losses import linear_cross_entropy
+from proxykd_fast.losses import dpo_loss, linear_cross_entropy, sequence_log_probs
 
+from .chat import stop_token_ids
 from .config import AlignProxyConfig, parse_split
 from .data import (
     Example,
@@ -22,10 +23,14 @@ from .data import (
     sft_batch,
     tokenize_records,
 )
-from .dpo import dpo_loss, sequence_log_probs
+from .distributed import shard_map
 from .evaluate import heldout_nll
 from .modeling import HiddenAndHead, apply_lora, check_model_matches_tokenizer, load_model, load_tokenizer, save_model
+from .runinfo import clear_outputs, run_options, start_run
 from .trainer import make_accelerator, total_steps, train
+
+RUN_INFO = "align_run.json"
+RANK_SEED_STRIDE = 7919  # rank r samples with seed + r * stride (rank 0: the single-process seed)
 
 
 def sft_loss_fn(chunk_size: int | None, backend: str) -> Any:
@@ -46,66 +51,130 @@ def count_tokens(batch: dict[str, Any]) -> int:
     return int((batch["labels"] != -100).sum())
 
 
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm progress bar (disabled unless `enabled`)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
 @torch.no_grad()
-def sample_rejected(
-    model: nn.Module, tokenizer: Any, examples: list[Example], cfg: AlignProxyConfig, seed: int
+def generate_rejected(
+    model: nn.Module, tokenizer: Any, examples: list[Example], cfg: AlignProxyConfig, seed: int,
+    progress: bool = False,
 ) -> list[list[int]]:
-    """One sampled answer per prompt from the current proxy (batched generate), eos included."""
+    """One sampled answer per prompt from the current proxy (batched generate), its stop token included."""
     model.eval()
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer, model)
     out: list[list[int]] = []
+    bar = _bar(len(examples), "sample rejected", progress)
     for chunk in iter_chunks(examples, cfg.gen_batch_size):
         batch = left_padded_prompts(chunk, tokenizer.pad_token_id)
         gen = model.generate(**{k: v.to(device) for k, v in batch.items()}, do_sample=True,
-                             temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, top_k=0,
-                             max_new_tokens=cfg.gen_max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                             temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, top_k=cfg.gen_top_k,
+                             max_new_tokens=cfg.gen_max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=stops)
         width = batch["input_ids"].shape[1]
         for row in gen[:, width:].tolist():
             ids: list[int] = []
             for t in row:
                 ids.append(t)
-                if t == eos:
+                if t in stops:
                     break
             out.append(ids)
+        bar.update(len(chunk))
+    bar.close()
     model.train()
     return out
 
 
+def sample_rejected(
+    model: nn.Module, tokenizer: Any, examples: list[Example], cfg: AlignProxyConfig, seed: int, acc: Any = None,
+) -> list[list[int]]:
+    """Rejected answers for every example; under DDP rank r samples examples[r::world] and all are gathered."""
+    rank = acc.process_index if acc is not None else 0
+    show = cfg.progress and (acc is None or acc.is_main_process)
+    return _sharded(acc, examples, lambda part: generate_rejected(
+        model, tokenizer, part, cfg, seed + RANK_SEED_STRIDE * rank, show))
+
+
+def reference_scale_average(cfg: AlignProxyConfig) -> bool:
+    """Whether DPO compares per-token mean log-probs (average_log_prob, or always for ipo) rather than sums."""
+    return cfg.average_log_prob or cfg.dpo_loss_type == "ipo"
+
+
 @torch.no_grad()
-def reference_logps(model: nn.Module, examples: list[Example], pad_id: int, cfg: AlignProxyConfig) -> Tensor:
-    """[n, 2] summed log-probs of (chosen, rejected) under the current proxy: the DPO reference."""
-    model.eval()
-    wrapped = HiddenAndHead(model)
-    device = next(model.parameters()).device
-    rows = []
-    for chunk in iter_chunks(examples, cfg.eval_batch_size):
-        b = {k: v.to(device) for k, v in preference_batch(chunk, pad_id).items()}
-        hidden, w, bias = wrapped(b["input_ids"], b["attention_mask"])
-        lp = sequence_log_probs(hidden, w, b["labels"], average=cfg.average_log_prob, bias=bias,
-                                chunk_size=cfg.chunk_size, backend=cfg.backend)
-        n = len(chunk)
-        rows.append(torch.stack([lp[:n], lp[n:]], dim=1).float().cpu())
-    model.train()
-    return torch.cat(rows)
+def reference_logps(
+    model: nn.Module, examples: list[Example], pad_id: int, cfg: AlignProxyConfig, acc: Any = None,
+) -> Tensor:
+    """[n, 2] log-probs of (chosen, rejected) under the current proxy, on the DPO loss's scale: the reference."""
+    show = cfg.progress and (acc is None or acc.is_main_process)
+
+    def score(part: list[Example]) -> list[list[float]]:
+        model.eval()
+        wrapped = HiddenAndHead(model)
+        device = next(model.parameters()).device
+        rows: list[list[float]] = []
+        bar = _bar(len(part), "reference log-probs", show)
+        for chunk in iter_chunks(part, cfg.eval_batch_size):
+            b = {k: v.to(device) for k, v in preference_batch(chunk, pad_id).items()}
+            hidden, w, bias = wrapped(b["input_ids"], b["attention_mask"])
+            lp = sequence_log_probs(hidden, w, b["labels"], average=reference_scale_average(cfg), bias=bias,
+                                    chunk_size=cfg.chunk_size, backend=cfg.backend).float().cpu()
+            n = len(chunk)
+            rows.extend(torch.stack([lp[:n], lp[n:]], dim=1).tolist())
+            bar.update(n)
+        bar.close()
+        model.train()
+        return rows
+
+    return torch.tensor(_sharded(acc, examples, score), dtype=torch.float32).view(len(examples), 2)
+
+
+def _sharded(acc: Any, items: list[Any], fn: Any) -> list[Any]:
+    """`shard_map` when an accelerator is given, else `fn(items)`."""
+    return list(fn(items)) if acc is None else shard_map(acc, items, fn)
 
 
 def dpo_loss_fn(cfg: AlignProxyConfig) -> Any:
-    """Sum over pairs of NLL(teacher) * nll_alpha + DPO(teacher answer > proxy sample)."""
+    """Parts {"dpo": DPO summed over pairs, "nll": nll_alpha * NLL summed over chosen tokens} of a micro-batch.
 
-    def loss_fn(wrapped: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    The trainer divides each part by its own global count (`dpo_count_fn`), so the objective
+    mean-over-pairs DPO + nll_alpha * per-token NLL is exact under gradient accumulation and DDP.
+    """
+
+    def loss_fn(wrapped: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, float]]:
         hidden, w, b = wrapped(batch["input_ids"], batch["attention_mask"])
         ref = batch["ref_logps"]
+        pairs = ref.shape[0]
         ref_flat = torch.cat([ref[:, 0], ref[:, 1]]).to(hidden.device)
         loss, metrics = dpo_loss(hidden, w, batch["labels"], ref_logps=ref_flat, beta=cfg.beta,
-                                 loss_type=cfg.dpo_loss_type, nll_alpha=cfg.nll_alpha,
-                                 average_log_prob=cfg.average_log_prob, bias=b, chunk_size=cfg.chunk_size,
+                                 loss_type=cfg.dpo_loss_type, nll_alpha=0.0, average_log_prob=cfg.average_log_prob,
+                                 label_smoothing=cfg.label_smoothing, bias=b, chunk_size=cfg.chunk_size,
                                  backend=cfg.backend)
-        pairs = ref.shape[0]
-        return loss * pairs, {k: float(v) for k, v in metrics.items()}
+        parts = {"dpo": loss * pairs}
+        if cfg.nll_alpha:
+            nll = linear_cross_entropy(hidden[:pairs], w, batch["labels"][:pairs], bias=b, reduction="sum",
+                                       chunk_size=cfg.chunk_size, backend=cfg.backend)
+            parts["nll"] = cfg.nll_alpha * nll
+        return parts, {k: float(v) for k, v in metrics.items()}
 
     return loss_fn
+
+
+def dpo_count_fn(cfg: AlignProxyConfig) -> Any:
+    """The normalisers of `dpo_loss_fn`'s parts: pairs, and chosen tokens when nll_alpha > 0."""
+
+    def count(batch: dict[str, Any]) -> dict[str, int]:
+        pairs = int(batch["ref_logps"].shape[0])
+        counts = {"dpo": pairs}
+        if cfg.nll_alpha:
+            counts["nll"] = int((batch["labels"][:pairs] != -100).sum())
+        return counts
+
+    return count
 
 
 def _phase_done(path: Path) -> bool:
@@ -124,10 +193,6 @@ def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any
     """Run the proxy alignment; the aligned proxy is saved (loadable by from_pretrained) in output_dir."""
     acc = accelerator or make_accelerator()
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if acc.is_main_process:
-        cfg.save(out / "align_config.yaml")
     tok = load_tokenizer(cfg.proxy)
     model = load_model(cfg.proxy, cfg.dtype)
     check_model_matches_tokenizer(model, tok, "proxy")
@@ -138,6 +203,15 @@ def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any
     lo, hi = parse_split(cfg.align_split, len(examples))
     align = examples[lo:hi]
     held = tokenize_records(load_records(cfg.eval_data), tok, cfg.max_length) if cfg.eval_data else []
+    out = Path(cfg.output_dir)  # touched only once the inputs have loaded
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:  # a fresh run: no phase of an earlier run may be reused
+        clear_outputs([out / "sft", *(p for p in out.glob("round-*") if p.is_dir()), out / "align_summary.json",
+                       out / RUN_INFO], acc.is_main_process)
+    acc.wait_for_everyone()
+    start_run(out / RUN_INFO, run_options(cfg.to_dict()), cfg.resume, acc.is_main_process, "align-proxy")
+    if acc.is_main_process:
+        cfg.save(out / "align_config.yaml")
     pad = tok.pad_token_id
 
     def eval_fn(m: nn.Module) -> float:
@@ -151,7 +225,7 @@ def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any
     sft_dir = out / "sft"
     sft_dir.mkdir(exist_ok=True)
     if _phase_done(sft_dir):
-        model.load_state_dict(torch.load(sft_dir / "final_state.pt", weights_only=True))
+        model.load_state_dict(torch.load(sft_dir / "final_state.pt", map_location="cpu", weights_only=True))
         info = json.loads((sft_dir / "done.json").read_text())
     else:
         steps = total_steps(cfg, len(warm), cfg.batch_size * cfg.grad_accum * world, epochs=cfg.warmup_epochs,
@@ -172,7 +246,7 @@ def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any
         if _phase_done(rdir):
             info = json.loads((rdir / "done.json").read_text())
             if info.get("kept", True):
-                model.load_state_dict(torch.load(rdir / "final_state.pt", weights_only=True))
+                model.load_state_dict(torch.load(rdir / "final_state.pt", map_location="cpu", weights_only=True))
             summary["phases"].append(info)
             if not info.get("kept", True):
                 break
@@ -183,11 +257,11 @@ def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any
         if rej_path.exists():
             rejected = json.loads(rej_path.read_text())
         else:
-            rejected = sample_rejected(model, tok, align, cfg, seed=cfg.seed * 1000 + r)
+            rejected = sample_rejected(model, tok, align, cfg, seed=cfg.seed * 1000 + r, acc=acc)
             if acc.is_main_process:
                 rej_path.write_text(json.dumps(rejected))
         pairs = [Example(e.index, e.prompt, e.answer, rj, e.prompt_text) for e, rj in zip(align, rejected)]
-        ref = reference_logps(model, pairs, pad, cfg)
+        ref = reference_logps(model, pairs, pad, cfg, acc=acc)
 
         def make_batch(idx: list[int], pairs: list[Example] = pairs, ref: Tensor = ref) -> dict[str, Any]:
             b: dict[str, Any] = preference_batch([pairs[i] for i in idx], pad)
@@ -197,7 +271,7 @@ def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any
         steps = total_steps(cfg, len(pairs), cfg.batch_size * cfg.grad_accum * world, epochs=cfg.round_epochs,
                             steps=cfg.round_steps)
         round_cfg = dataclasses.replace(cfg, learning_rate=cfg.round_learning_rate or cfg.learning_rate)
-        res = train(round_cfg, model, n_train=len(pairs), make_batch=make_batch, count_items=lambda b: b["ref_logps"].shape[0],
+        res = train(round_cfg, model, n_train=len(pairs), make_batch=make_batch, count_items=dpo_count_fn(cfg),
                     loss_fn=dpo_loss_fn(cfg), out_dir=rdir, steps=steps, eval_fn=eval_fn if held else None,
                     accelerator=acc, desc=f"proxy-dpo-{r}")
         if not res.finished:

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from proxykd_fast.losses import linear_cross_entropy, proxy_kd_loss
+from proxykd_fast.losses import linear_cross_entropy, proxy_kd_loss, sequence_log_probs
 
 from .config import DistillConfig, parse_split
-from .data import Example, load_records, pad_batch, tokenize_records
-from .dpo import sequence_log_probs
+from .data import Example, iter_chunks, load_records, pad_batch, tokenize_records
+from .distributed import shard_map
 from .evaluate import heldout_nll
 from .modeling import (
     HiddenAndHead,
@@ -26,8 +26,11 @@ from .modeling import (
     save_model,
     vocab_size,
 )
+from .runinfo import clear_outputs, run_options, start_run
 from .targets import TargetRow, load_targets, sigmoid_weights, vocab_fingerprint
 from .trainer import make_accelerator, total_steps, train
+
+RUN_INFO = "distill_run.json"
 
 
 def offline_batch(rows: list[TargetRow], weights: dict[int, float], pad_id: int, k: int, cfg: DistillConfig) -> dict:
@@ -51,40 +54,70 @@ def offline_batch(rows: list[TargetRow], weights: dict[int, float], pad_id: int,
 
 
 def kd_loss_fn(cfg: DistillConfig, proxy: nn.Module | None) -> Any:
-    """Summed NLL + alpha * w * KL over the answer tokens (the trainer normalizes by the global count)."""
+    """Summed NLL + alpha * w * D(proxy, student) over the answer tokens (the trainer normalizes by the global count).
+
+    The weights w come from the batch ("sample_weight": dataset statistics, precomputed) or, with an
+    online proxy and weight_stats="batch", from the proxy's log-likelihoods of this micro-batch.
+    """
     proxy_wrap = HiddenAndHead(proxy) if proxy is not None else None
 
     def loss_fn(wrapped: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         hidden, w, b = wrapped(batch["input_ids"], batch["attention_mask"])
-        kw: dict[str, Any] = {}
-        weight = batch.get("sample_weight")
-        if cfg.alpha == 0:
-            weight = None
-        elif proxy_wrap is not None:
-            with torch.no_grad():
-                ph, pw, pb = proxy_wrap(batch["input_ids"], batch["attention_mask"])
-                if cfg.use_weights and weight is None:
-                    ll = sequence_log_probs(ph, pw, batch["labels"], bias=pb)
-                    weight = sigmoid_weights(ll, (batch["labels"] != -100).sum(-1), cfg.loglik, cfg.normalize_weights)
-            kw.update(proxy_hidden=ph, proxy_weight=pw, proxy_bias=pb)
-        else:
-            kw.update(proxy_topk_ids=batch["topk_ids"], proxy_topk_logprobs=batch["topk_logprobs"])
-        if not cfg.use_weights or cfg.alpha == 0:
-            weight = None
         if cfg.alpha == 0:
             loss = linear_cross_entropy(hidden, w, batch["labels"], bias=b, reduction="sum",
                                         chunk_size=cfg.chunk_size, backend=cfg.backend)
             n = max(int((batch["labels"] != -100).sum()), 1)
             return loss, {"nll": float(loss.detach()) / n, "kd": 0.0, "weight_mean": 1.0}
+        kw: dict[str, Any] = {}
+        weight = batch.get("sample_weight") if cfg.use_weights else None
+        if proxy_wrap is not None:
+            with torch.no_grad():
+                ph, pw, pb = proxy_wrap(batch["input_ids"], batch["attention_mask"])
+                if cfg.use_weights and weight is None:
+                    ll = sequence_log_probs(ph, pw, batch["labels"], bias=pb, chunk_size=cfg.chunk_size,
+                                            backend=cfg.backend)
+                    weight = sigmoid_weights(ll, (batch["labels"] != -100).sum(-1), cfg.loglik, cfg.normalize_weights)
+            kw.update(proxy_hidden=ph, proxy_weight=pw, proxy_bias=pb)
+        else:
+            kw.update(proxy_topk_ids=batch["topk_ids"], proxy_topk_logprobs=batch["topk_logprobs"])
         loss, comp = proxy_kd_loss(hidden, w, batch["labels"], sample_weight=weight, alpha=cfg.alpha,
-                                   temperature=cfg.temperature, reduction="sum", student_bias=b,
-                                   return_components=True, chunk_size=cfg.chunk_size, backend=cfg.backend, **kw)
+                                   temperature=cfg.temperature, divergence=cfg.divergence, jsd_beta=cfg.jsd_beta,
+                                   reduction="sum", student_bias=b, return_components=True,
+                                   chunk_size=cfg.chunk_size, backend=cfg.backend, **kw)
         n = max(int(comp["valid_tokens"]), 1)
         metrics = {"nll": float(comp["nll"]) / n, "kd": float(comp["kd"]) / n,
                    "weight_mean": float(weight.float().mean()) if weight is not None else 1.0}
         return loss, metrics
 
     return loss_fn
+
+
+@torch.no_grad()
+def online_dataset_weights(proxy: nn.Module, rows: list[TargetRow], pad_id: int, cfg: DistillConfig,
+                           acc: Any = None) -> dict[int, float]:
+    """Dataset-level weights for an online proxy: a no-grad pass of its log-likelihoods over every training row."""
+    show = cfg.progress and (acc is None or acc.is_main_process)
+
+    def score(part: list[TargetRow]) -> list[float]:
+        from tqdm.auto import tqdm
+
+        wrapped = HiddenAndHead(proxy)
+        device = next(proxy.parameters()).device
+        out: list[float] = []
+        with tqdm(total=len(part), desc="proxy log-likelihoods", disable=not show, leave=False) as bar:
+            for chunk in iter_chunks(part, cfg.eval_batch_size):
+                b = {k: v.to(device) for k, v in
+                     pad_batch([r.input_ids for r in chunk], [r.prompt_len for r in chunk], pad_id).items()}
+                hidden, w, bias = wrapped(b["input_ids"], b["attention_mask"])
+                out.extend(sequence_log_probs(hidden, w, b["labels"], bias=bias, chunk_size=cfg.chunk_size,
+                                              backend=cfg.backend).double().cpu().tolist())
+                bar.update(len(chunk))
+        return out
+
+    ll = shard_map(acc, rows, score) if acc is not None else score(rows)
+    w = sigmoid_weights(torch.tensor(ll, dtype=torch.float64), torch.tensor([r.n_tokens for r in rows]), cfg.loglik,
+                        cfg.normalize_weights)
+    return {r.index: float(x) for r, x in zip(rows, w)}
 
 
 def _online_rows(cfg: DistillConfig, tok: Any) -> list[TargetRow]:
@@ -107,10 +140,6 @@ def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
     tok = load_tokenizer(cfg.student)
     student = load_model(cfg.student, cfg.dtype)
     check_model_matches_tokenizer(student, tok, "student")
-    out = Path(cfg.output_dir)  # created only once the inputs have loaded
-    out.mkdir(parents=True, exist_ok=True)
-    if acc.is_main_process:
-        cfg.save(out / "distill_config.yaml")
     proxy = None
     weights: dict[int, float] = {}
     if cfg.targets and not cfg.proxy:
@@ -142,16 +171,33 @@ def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
         k = cfg.top_k
     else:
         raise PipelineError("distill needs --targets (offline) or --proxy (online), or --alpha 0 with --data")
+    if cfg.divergence != "forward_kl" and cfg.alpha != 0 and proxy is None:
+        raise PipelineError(
+            f"divergence={cfg.divergence!r} needs the proxy's full distribution: use an online --proxy; offline "
+            "top-k targets support only divergence='forward_kl'"
+        )
     student = apply_lora(student, cfg.lora).to(acc.device)
     held = tokenize_records(load_records(cfg.eval_data), tok, cfg.max_length) if cfg.eval_data else []
     pad = tok.pad_token_id
+    out = Path(cfg.output_dir)  # created only once the inputs have loaded
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:  # checkpoints and metrics are cleared by the trainer
+        clear_outputs([out / "distill_summary.json"], acc.is_main_process)
+    start_run(out / RUN_INFO, run_options(cfg.to_dict()), cfg.resume, acc.is_main_process, "distill")
+    if acc.is_main_process:
+        cfg.save(out / "distill_config.yaml")
+    if proxy is not None and cfg.alpha != 0 and cfg.use_weights and cfg.weight_stats == "dataset":
+        weights = online_dataset_weights(proxy, rows, pad, cfg, acc)
     offline = proxy is None and cfg.alpha != 0 and cfg.targets
 
     def make_batch(idx: list[int]) -> dict[str, Any]:
         chosen = [rows[i] for i in idx]
         if offline:
             return offline_batch(chosen, weights, pad, k, cfg)
-        return pad_batch([r.input_ids for r in chosen], [r.prompt_len for r in chosen], pad)
+        b: dict[str, Any] = pad_batch([r.input_ids for r in chosen], [r.prompt_len for r in chosen], pad)
+        if weights:
+            b["sample_weight"] = torch.tensor([weights[r.index] for r in chosen], dtype=torch.float32)
+        return b
 
     def eval_fn(m: nn.Module) -> float:
         return heldout_nll(m, held, pad, cfg.eval_batch_size, cfg.chunk_size, cfg.backend)

@@ -1,9 +1,16 @@
-"""Stage 2, precompute: the aligned proxy's top-k log-probs and per-sample weights, sharded and resumable."""
+"""Stage 2, precompute: the aligned proxy's top-k log-probs and per-sample weights, sharded, streaming, resumable.
+
+Records are read shard by shard, so memory does not grow with the dataset; the weights' dataset
+statistics come at the end from the per-sample log-likelihoods stored in the shards (a few numbers
+per sample). Without `resume` the stage's files in output_dir are deleted first; with it, the
+shards already written are kept provided the run info (proxy, data, split, top_k, ...) matches.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from proxykd_fast.losses import linear_topk
+from proxykd_fast.losses import linear_topk, sequence_log_probs
 
 from .config import PrecomputeConfig, parse_split
-from .data import Example, iter_chunks, load_records, sft_batch, tokenize_records
-from .dpo import sequence_log_probs
+from .data import Example, count_records, iter_chunks, iter_records, sft_batch, tokenize_records
 from .modeling import HiddenAndHead, check_model_matches_tokenizer, check_same_vocab, load_model, load_tokenizer
+from .runinfo import clear_outputs, start_run
 from .targets import (
     MANIFEST,
     WEIGHTS,
@@ -29,9 +36,14 @@ from .targets import (
     write_shard,
 )
 
+RUN_INFO = "precompute_run.json"
+RUN_KEYS = ("proxy", "tokenizer", "data", "split", "top_k", "shard_size", "max_length", "format", "dtype")
+
 
 @torch.no_grad()
-def compute_rows(model: torch.nn.Module, examples: list[Example], pad_id: int, cfg: PrecomputeConfig) -> list[TargetRow]:
+def compute_rows(
+    model: torch.nn.Module, examples: list[Example], pad_id: int, cfg: PrecomputeConfig, bar: Any = None,
+) -> list[TargetRow]:
     """Top-k targets and answer log-likelihood of each example under the proxy."""
     wrapped = HiddenAndHead(model)
     device = next(model.parameters()).device
@@ -46,11 +58,20 @@ def compute_rows(model: torch.nn.Module, examples: list[Example], pad_id: int, c
             sl = slice(plen - 1, plen - 1 + n)
             rows.append(TargetRow(e.index, e.prompt + e.answer, plen, ids[r, sl].cpu().numpy(),
                                   lps[r, sl].float().cpu().numpy(), float(ll[r]), n))
+        if bar is not None:
+            bar.update(len(chunk))
     return rows
 
 
+def _stage_files(out: Path) -> list[Path]:
+    """The files a precompute run writes in its output dir."""
+    names = [MANIFEST, WEIGHTS, RUN_INFO]
+    return [out / n for n in names] + sorted(out.glob("shard-*.parquet")) + sorted(out.glob("shard-*.safetensors")) \
+        + sorted(out.glob(".shard-*.tmp"))
+
+
 def precompute(cfg: PrecomputeConfig) -> dict[str, Any]:
-    """Write shards of top-k targets (skipping shards already written), then the weights and manifest."""
+    """Write shards of top-k targets (with `resume`, skipping shards already written), then the weights and manifest."""
     t0 = time.perf_counter()
     tok = load_tokenizer(cfg.tokenizer or cfg.proxy)
     if cfg.tokenizer:
@@ -60,27 +81,35 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, Any]:
     if torch.cuda.is_available():
         model = model.cuda()
     model.eval()
-    records = load_records(cfg.data)
+    total = count_records(cfg.data)  # a streaming pass: only the count is kept
+    lo, hi = parse_split(cfg.split, total)
     out = Path(cfg.output_dir)  # created only once the inputs have loaded
     out.mkdir(parents=True, exist_ok=True)
-    lo, hi = parse_split(cfg.split, len(records))
+    if not cfg.resume:
+        clear_outputs(_stage_files(out), True)
+    start_run(out / RUN_INFO, {k: getattr(cfg, k) for k in RUN_KEYS}, cfg.resume, True, "precompute")
+    (out / MANIFEST).unlink(missing_ok=True)  # the manifest marks a complete run: rewritten at the end
     n = hi - lo
     n_shards = (n + cfg.shard_size - 1) // cfg.shard_size
     from tqdm.auto import tqdm
 
     written = skipped = 0
     names = []
-    for s in tqdm(range(n_shards), desc="precompute", disable=not cfg.progress, leave=False):
-        name = shard_name(s, cfg.format)
-        names.append(name)
-        if (out / name).exists():
-            skipped += 1
-            continue
-        a, b = lo + s * cfg.shard_size, min(hi, lo + (s + 1) * cfg.shard_size)
-        examples = tokenize_records(records[a:b], tok, cfg.max_length, start_index=a - lo)
-        write_shard(out / name, compute_rows(model, examples, tok.pad_token_id, cfg), cfg.top_k, cfg.format)
-        written += 1
-    # Second pass: only the log-likelihood columns, for the weight statistics.
+    stream = islice(iter_records(cfg.data), lo, hi)
+    with tqdm(total=n, desc="precompute", disable=not cfg.progress, leave=False) as bar:
+        for s in range(n_shards):
+            name = shard_name(s, cfg.format)
+            names.append(name)
+            start = s * cfg.shard_size
+            records = list(islice(stream, cfg.shard_size))
+            if (out / name).exists():
+                skipped += 1
+                bar.update(len(records))
+                continue
+            examples = tokenize_records(records, tok, cfg.max_length, start_index=start)
+            write_shard(out / name, compute_rows(model, examples, tok.pad_token_id, cfg, bar), cfg.top_k, cfg.format)
+            written += 1
+    # Weight statistics from the stored log-likelihood columns only.
     idx, ll, nt = (np.concatenate(x) for x in zip(*(read_logliks(out / name) for name in names)))
     weights = sigmoid_weights(torch.from_numpy(ll), torch.from_numpy(nt.astype(np.int64)), cfg.loglik,
                               cfg.normalize_weights)
