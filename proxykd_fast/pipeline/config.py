@@ -22,6 +22,8 @@ REPORTERS = ("none", "tensorboard", "wandb")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
                  "warmup_stable_decay")
+STUDENT_SPLIT_HELP = ("slice of --data used, 'start:stop' as fractions (or counts when > 1); the default 0.55:1 "
+                      "is the paper's student share: align-proxy uses 0:0.1 (warm-up) and 0.1:0.55 (alignment)")
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
@@ -256,7 +258,7 @@ class PrecomputeConfig(StageConfig):
     progress: bool = True
     chunk_size: int | None = None
     backend: str = "auto"
-    split: str = "0:1"
+    split: str = field(default="0.55:1", metadata={"help": STUDENT_SPLIT_HELP})
     resume: bool = field(default=False, metadata={
         "help": "keep the shards already written (the stored run info must match); without it existing "
                 "shards in output_dir are deleted first"})
@@ -280,7 +282,8 @@ class DistillConfig(TrainConfig):
     targets: str | None = None
     proxy: str | None = None
     data: str | None = None
-    split: str = "0:1"
+    split: str = field(default="0.55:1", metadata={"help": STUDENT_SPLIT_HELP + " (online proxy / --alpha 0 only: "
+                                                           "offline targets were split by precompute)"})
     alpha: float = 100.0
     temperature: float = 1.0
     divergence: str = field(default="forward_kl", metadata={
