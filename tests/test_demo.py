@@ -30,3 +30,19 @@ def test_demo_miniature_end_to_end(tmp_path: Path) -> None:
     # A second run reuses the cached teacher and the collected answers.
     res2 = run_seed(tmp_path, 0, s)
     assert res2["eval"]["sft_only"]["kl"] == pytest.approx(res["eval"]["sft_only"]["kl"], rel=1e-5)
+
+
+def test_smollm2_split_keeps_each_prompt_on_one_side() -> None:
+    from proxykd_fast.demo.smollm2 import prompt_key, split_by_prompt
+
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(10)]
+    recs = [{"id": str(i), "sample_index": k, "prompt": prompts[i], "completion": f"a{i}.{k}"}
+            for i in range(10) for k in range(3)]
+    shuffled = recs[::-1]  # collect output is in completion order, not id order
+    train, val = split_by_prompt(shuffled, 0.2, seed=0)
+    assert len(train) + len(val) == 30 and len(val) == 6
+    train_keys, val_keys = {prompt_key(r["prompt"]) for r in train}, {prompt_key(r["prompt"]) for r in val}
+    assert not train_keys & val_keys
+    assert train == sorted(train, key=lambda r: (int(r["id"]), r["sample_index"]))
+    assert split_by_prompt(recs, 0.2, seed=0) == (train, val)  # independent of the input order
+    assert split_by_prompt(recs, 0.2, seed=1) != (train, val)

@@ -46,8 +46,39 @@ def make_student(proxy_dir: Path, out: Path, layers: int = 2) -> Path:
     return out
 
 
+def prompt_key(prompt: Any) -> str:
+    """A canonical string of a prompt (text or chat messages), equal for equal prompts."""
+    return json.dumps(prompt, sort_keys=True, separators=(",", ":"))
+
+
+def split_by_prompt(records: list[dict[str, Any]], val_fraction: float, seed: int
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, val) records, sorted by (id, sample_index), with every sample of a prompt on one side.
+
+    A seeded draw of `val_fraction` of the unique prompts (at least one, never all) goes to
+    validation, so no validation prompt is ever seen in training.
+    """
+    import random
+
+    recs = sorted(records, key=lambda r: (int(r["id"]), int(r.get("sample_index") or 0)))
+    unique = list(dict.fromkeys(prompt_key(r["prompt"]) for r in recs))
+    if len(unique) < 2:
+        raise ValueError(f"need at least 2 unique prompts to split, got {len(unique)}")
+    n_val = min(len(unique) - 1, max(1, round(val_fraction * len(unique))))
+    val_keys = set(random.Random(seed).sample(unique, n_val))
+    train = [r for r in recs if prompt_key(r["prompt"]) not in val_keys]
+    val = [r for r in recs if prompt_key(r["prompt"]) in val_keys]
+    return train, val
+
+
 def run_smollm2(out: Path, seed: int, alpha: float | None = None, n_train: int = 300, n_val: int = 40) -> int:
-    """Collect from the served teacher, align the proxy, precompute, distill SFT vs Proxy-KD, report NLL."""
+    """Collect from the served teacher, align the proxy, precompute, distill SFT vs Proxy-KD, report NLL.
+
+    The 100 unique prompts are each answered ceil((n_train + n_val) / 100) times (different sampling
+    seeds); about n_val / (n_train + n_val) of the unique prompts, with all their answers, are held out.
+    """
+    import math
+
     from proxykd_fast.teacher import CollectConfig, collect
     from proxykd_fast.teacher.presets import default_cache_dir, load_preset
     from proxykd_fast.teacher.server import TeacherServer
@@ -57,20 +88,19 @@ def run_smollm2(out: Path, seed: int, alpha: float | None = None, n_train: int =
     model, tok = load_preset("smollm2")
     proxy_dir = default_cache_dir() / "smollm2"
     prompts = [tpl.format(t=t) for tpl in TEMPLATES for t in TOPICS]
-    prompts = (prompts * ((n_train + n_val) // len(prompts) + 1))[: n_train + n_val]
+    per_prompt = max(1, math.ceil((n_train + n_val) / len(prompts)))
     pfile = out / "prompts.jsonl"
     pfile.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(prompts)))
     with TeacherServer(model, tok, model_name="smollm2-teacher", system_prompt=SYSTEM_PROMPT,
                        max_batch_size=16) as server:
         collect(CollectConfig(prompts=pfile, out=out / "answers", base_url=server.base_url, model="smollm2-teacher",
-                              mode="chat", n_per_prompt=1, max_tokens=48, temperature=0.7, seed=seed,
+                              mode="chat", n_per_prompt=per_prompt, max_tokens=48, temperature=0.7, seed=seed,
                               concurrency=16, progress=True))
-    recs = load_records(out / "answers")
-    rows = [{"prompt": r["prompt"], "completion": r["completion"], "finish_reason": r.get("finish_reason")}
-            for r in recs]
+    train_recs, val_recs = split_by_prompt(load_records(out / "answers"), n_val / (n_train + n_val), seed)
+    keep = ("prompt", "completion", "finish_reason")
     train, val = out / "train.jsonl", out / "val.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
-    val.write_text("".join(json.dumps(r) + "\n" for r in rows[n_train:]))
+    train.write_text("".join(json.dumps({k: r.get(k) for k in keep}) + "\n" for r in train_recs))
+    val.write_text("".join(json.dumps({k: r.get(k) for k in keep}) + "\n" for r in val_recs))
     aligned = out / "proxy_aligned"
     align_proxy(AlignProxyConfig(proxy=str(proxy_dir), data=str(train), eval_data=str(val), output_dir=str(aligned),
                                  warmup_split="0:0.3", align_split="0.3:1", rounds=1, learning_rate=2e-5,
@@ -78,7 +108,7 @@ def run_smollm2(out: Path, seed: int, alpha: float | None = None, n_train: int =
                                  early_stopping_patience=2, seed=seed))
     targets = out / "targets"
     precompute(PrecomputeConfig(proxy=str(aligned), data=str(train), output_dir=str(targets), top_k=10, batch_size=8,
-                                loglik="mean", normalize_weights=True))
+                                split="0:1", loglik="mean", normalize_weights=True))
     student0 = out / "student_init"
     if not (student0 / "config.json").exists():
         make_student(proxy_dir, student0)
@@ -86,7 +116,7 @@ def run_smollm2(out: Path, seed: int, alpha: float | None = None, n_train: int =
                                   learning_rate=1e-4, batch_size=8, eval_every=20, early_stopping_patience=3,
                                   loglik="mean", normalize_weights=True)
     results = {}
-    for name, extra in {"sft_only": dict(data=str(train), alpha=0.0),
+    for name, extra in {"sft_only": dict(data=str(train), split="0:1", alpha=0.0),
                         "proxykd": dict(targets=str(targets), alpha=1.0 if alpha is None else alpha)}.items():
         distill(DistillConfig(output_dir=str(out / name), **common, **extra))
     examples = tokenize_records(load_records(val), tok, 256)
