@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PRESET ?= default
+SEEDS ?= 0
 
 .PHONY: test demo bench lint clean
 
@@ -19,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
 
 demo: $(STAMP)
-	$(PY) -m proxykd_fast.demo --preset $(PRESET)
+	$(PY) -m proxykd_fast.demo --preset $(PRESET) --seeds $(SEEDS)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/cpu_losses.py

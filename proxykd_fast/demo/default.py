@@ -166,7 +166,7 @@ def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False) -> d
     targets = {}
     for name, pdir in (("aligned", proxy_dir), ("unaligned", proxy0_dir)):
         targets[name] = root / f"targets_{name}"
-        precompute(PrecomputeConfig(proxy=str(pdir), data=str(train), output_dir=str(targets[name]), top_k=10,
+        precompute(PrecomputeConfig(proxy=str(pdir), data=str(train), split="0:1", output_dir=str(targets[name]), top_k=10,
                                     batch_size=250, shard_size=1000, loglik="mean", normalize_weights=True,
                                     progress=progress))
     timings["precompute_s"] = time.perf_counter() - t
@@ -175,7 +175,7 @@ def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False) -> d
     if not (student0 / "config.json").exists():
         save(build_llama(len(tok), s.student_hidden, s.student_layers, 2 * s.student_hidden, 4, seed + 2), tok,
              student0)
-    common = dict(student=str(student0), eval_data=str(val), seed=seed, max_steps=s.student_steps,
+    common = dict(student=str(student0), eval_data=str(val), split="0:1", seed=seed, max_steps=s.student_steps,
                   learning_rate=s.student_lr, batch_size=s.batch_size, eval_every=s.eval_every,
                   early_stopping_patience=s.patience, eval_batch_size=300, progress=progress,
                   loglik="mean", normalize_weights=True)
