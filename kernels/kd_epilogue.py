@@ -6,6 +6,12 @@ at 1/T) and the tempered proxy; pass 2 streams it again for the divergence and, 
 gradient does not depend on the row's divergence (CE, forward KL, offline top-k), writes
 dlogits over the student row in the same pass. Reverse KL and JSD need a row reduction before
 their gradient, so they take a third pass. No [C, V] temporary is ever written.
+
+In-place hazard: the row's threads read S at positions other threads later overwrite (the
+label logit S[y], the top-k gathers, the streaming passes in another lane mapping), and
+Triton orders global memory only within a thread. So every read of S finishes before a
+tl.debug_barrier() (bar.sync) that precedes the first pass writing S; the AOT test checks the
+compiled IR for any S read and write without a barrier between them.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ def kd_epilogue_kernel(
     offs = tl.arange(0, BLOCK)
     y = tl.load(labels + row)
     cn = tl.load(c_nll + row)
+    s_y = tl.load(s_row + y)  # the label logit, read before any pass can overwrite S[y]
     ONLINE: tl.constexpr = MODE >= FORWARD_KL
 
     # ---- pass 1: per-lane online softmax statistics -------------------------------------
@@ -92,7 +99,7 @@ def kd_epilogue_kernel(
     lse_p = 0.0
     if ONLINE:
         lse_p = _finish_lse(m_p, l_p)
-    tl.store(nll_out + row, lse_s - tl.load(s_row + y) * scale)
+    tl.store(nll_out + row, lse_s - s_y * scale)
 
     # ---- offline targets: p renormalized over the k stored log-probs ----------------------
     kd = 0.0
@@ -117,6 +124,8 @@ def kd_epilogue_kernel(
     acc_a = tl.zeros([BLOCK], tl.float32)
     acc_b = tl.zeros([BLOCK], tl.float32)
     TWO_PASS_GRAD: tl.constexpr = MODE == REVERSE_KL or MODE == JSD
+    if NEED_GRAD and not TWO_PASS_GRAD:
+        tl.debug_barrier()  # every thread's reads of S (s_y, top-k gathers, pass 1) precede pass 2's writes
     if ONLINE or (NEED_GRAD and not TWO_PASS_GRAD):
         for v0 in range(0, V, BLOCK):
             cols = v0 + offs
@@ -156,6 +165,7 @@ def kd_epilogue_kernel(
 
     # ---- pass 3: gradients that need the row's divergence --------------------------------
     if NEED_GRAD and TWO_PASS_GRAD:
+        tl.debug_barrier()  # every thread's reads of S (s_y, passes 1 and 2) precede pass 3's writes
         for v0 in range(0, V, BLOCK):
             cols = v0 + offs
             mask = cols < V
