@@ -11,7 +11,17 @@ inside those loops costs local-memory traffic on every iteration, so any spill m
 launch config (or a kernel edit) went wrong and must be fixed, not tolerated. Shared memory
 must fit the architecture's per-block opt-in limit (227 KiB on sm_90, 163 KiB on sm_80).
 
-Run by hand for the figures: python tests/test_triton_aot.py 90
+Register headroom: 0 spills at the 255-register cap says nothing about the next triton (the GPU
+image runs 3.6; CI 3.7.1), whose codegen moved our kernels by up to ~20 registers either way.
+So a kernel may take at most MAX_REGS = 224 registers, or, as ptxas greedily fills the register
+file, must still compile spill-free when capped at MAX_REGS (maxnreg): >= 31 registers spare.
+
+In-place races: every kernel's TTGIR goes through test_triton_hazards.in_place_hazards (global
+reads and writes of one buffer by different lanes with no barrier between them); a canary with
+kd_epilogue's old label-logit race shows the check catches it.
+
+Run by hand for the figures: python tests/test_triton_aot.py 90 (put another triton first on
+PYTHONPATH, e.g. a `pip install --target` of triton==3.6.0, to check that version the same way).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import pytest
 pytest.importorskip("triton")
 
 MAX_SPILL_BYTES = 0
+MAX_REGS = 224
 # Integer arguments the JIT sees as multiples of 16 at the benchmark shape (V=128256, H=4096),
 # like every pointer from torch: the same `tt.divisibility` hints let loads vectorize and pipeline.
 ALIGNED_INTS = {"stride_x", "stride_w", "stride_s", "stride_p", "H", "V", "N", "cols_per_split"}
@@ -97,6 +108,15 @@ def _specs() -> list[tuple[str, object, dict, dict, dict]]:
     return specs
 
 
+def _canary_specs() -> list[tuple[str, object, dict, dict, dict]]:
+    """The label-logit race in miniature, unfenced (must be flagged) and fenced (must not)."""
+    from test_triton_hazards import label_race_canary
+
+    sig = {"S": "*fp32", "y_ptr": "*i64", "out": "*fp32", "V": "i32", "BLOCK": "constexpr", "BARRIER": "constexpr"}
+    return [(f"canary[{name}]", label_race_canary, sig, {"BLOCK": 1024, "BARRIER": fenced}, {"num_warps": 4})
+            for name, fenced in (("race", False), ("fenced", True))]
+
+
 def _aligned(kernel: object, signature: dict) -> dict:
     """The `tt.divisibility=16` attributes the JIT would attach to aligned pointers and ints."""
     names = kernel.arg_names
@@ -121,19 +141,28 @@ def _resources(cuobjdump: str, cubin: bytes) -> dict:
 def compile_all(arch: int) -> list[dict]:
     """Compile every spec for sm_<arch>; one record per kernel (error text on failure)."""
     import triton
+    from test_triton_hazards import in_place_hazards
     from triton.backends.compiler import GPUTarget
     from triton.knobs import nvidia
 
+    def build(kernel: object, signature: dict, constexprs: dict, options: dict) -> object:
+        src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                        attrs=_aligned(kernel, signature))
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
     records = []
-    for label, kernel, signature, constexprs, options in _specs():
-        record = {"kernel": label, "arch": arch}
+    for label, kernel, signature, constexprs, options in _specs() + _canary_specs():
+        record = {"kernel": label, "arch": arch, "canary": label.startswith("canary[")}
         try:
-            src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
-                                            attrs=_aligned(kernel, signature))
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+            compiled = build(kernel, signature, constexprs, options)
             record.update(_resources(nvidia.cuobjdump.path, compiled.asm["cubin"]))
             record["shared"] = compiled.metadata.shared
             record["num_warps"] = compiled.metadata.num_warps
+            record["hazards"] = in_place_hazards(compiled.asm["ttgir"])
+            record["capped_spill"] = None
+            if record["regs"] > MAX_REGS:  # headroom: does it fit MAX_REGS without spilling?
+                capped = build(kernel, signature, constexprs, {**options, "maxnreg": MAX_REGS})
+                record["capped_spill"] = _resources(nvidia.cuobjdump.path, capped.asm["cubin"])["spill"]
         except Exception as exc:  # report every failure, not only the first
             record["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
         records.append(record)
@@ -168,11 +197,25 @@ def test_kernels_compile_without_spills(aot_records: dict[int, list[dict]], arch
     assert not errors, "\n".join(errors)
     for r in records:
         print(f"sm_{arch} {r['kernel']}: {r['regs']} regs, {r['spill']} B spill, {r['shared']} B shared, "
-              f"{r['num_warps']} warps")
+              f"{r['num_warps']} warps" + ("" if r["capped_spill"] is None else
+                                          f", {r['capped_spill']} B spill capped at {MAX_REGS} regs"))
     spills = [r["kernel"] for r in records if r["spill"] > MAX_SPILL_BYTES]
     assert not spills, f"register spills above {MAX_SPILL_BYTES} B on sm_{arch}: {spills}"
+    tight = [f"{r['kernel']} ({r['regs']} regs, {r['capped_spill']} B spill at {MAX_REGS})" for r in records
+             if (r["capped_spill"] or 0) > MAX_SPILL_BYTES]
+    assert not tight, f"no register headroom on sm_{arch}: {tight}"
     too_big = [r["kernel"] for r in records if r["shared"] > MAX_SHARED[arch]]
     assert not too_big, f"shared memory above {MAX_SHARED[arch]} B on sm_{arch}: {too_big}"
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_no_in_place_races(aot_records: dict[int, list[dict]], arch: int) -> None:
+    """No kernel reads and writes one buffer from different lanes without a barrier between."""
+    records = {r["kernel"]: r for r in aot_records[arch] if "error" not in r}
+    found = [f"{name}: {h}" for name, r in records.items() if not r["canary"] for h in r["hazards"]]
+    assert not found, "\n".join(found)
+    assert records["canary[race]"]["hazards"], "the check misses the label-logit race it exists for"
+    assert not records["canary[fenced]"]["hazards"]
 
 
 if __name__ == "__main__":
