@@ -5,6 +5,10 @@ log-sum-exp and merged into a running top-KP held in registers: value and column
 in one int64 key (order-preserving float bits high, reversed column low, so ties keep the
 lower id) so one bitonic tl.topk moves both. A tile is merged only if some entry beats a
 row's current KP-th key. The host merges the splits' candidates and subtracts the lse.
+Masked columns (past the split) and the initial fillers hold EMPTY, a key below every encoded
+one, so a -inf logit at a real column always outranks them; slots still EMPTY at the end (a
+split with fewer than KP columns) come out as id -1, value -inf, and the host merge ranks them
+last, so the ids it returns are always real columns in [0, V).
 BITONIC=False merges by KP max-extractions instead: the same result, but fast under the CPU
 interpreter, which runs tl.topk's xor reductions element by element.
 """
@@ -37,9 +41,15 @@ def decode_keys(keys):
 
 
 @triton.jit
+def empty_key():
+    """EMPTY: the int64 key below every encoded key ([1, 1], broadcasts)."""
+    return tl.full([1, 1], -2147483648, tl.int32).to(tl.int64) << 32
+
+
+@triton.jit
 def merge_by_extraction(best, keys, KP: tl.constexpr):
-    """Top-KP of the union of two key sets by repeated row max (keys are unique per row)."""
-    removed = tl.full([1, 1], -2147483648, tl.int32).to(tl.int64) << 32  # below every encoded key
+    """Top-KP of the union of two key sets by repeated row max (keys unique per row, but for EMPTY)."""
+    removed = empty_key()
     kpos = tl.arange(0, KP)[None, :]
     out = best
     for kk in tl.static_range(KP):
@@ -68,8 +78,7 @@ def linear_topk_kernel(
     v_end = tl.minimum(v_start + cols_per_split, V)
     m = tl.full([BM], -float("inf"), tl.float32)
     se = tl.zeros([BM], tl.float32)
-    kpos = tl.zeros([BM, KP], tl.int32) + tl.arange(0, KP)[None, :]
-    best = encode_keys(tl.full([BM, KP], -float("inf"), tl.float32), -(kpos - LOW_MASK))  # distinct fillers
+    best = tl.zeros([BM, KP], tl.int64) + empty_key()
     for n0 in range(v_start, v_end, BN):
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < v_end
@@ -77,7 +86,7 @@ def linear_topk_kernel(
         z = logit_tile(X, W, B, rows_c, cols_c, H, stride_x, stride_w, BM, BN, BK, HAS_BIAS, EVEN_K, UPCAST, PREC)
         u = tl.where(col_ok[None, :], z * inv_t, -float("inf"))
         m, se = fold_tile(m, se, u)
-        keys = encode_keys(u, cols)
+        keys = tl.where(col_ok[None, :], encode_keys(u, cols), empty_key())
         floor = tl.min(best, 1)
         if tl.max(tl.max(tl.where(keys > floor[:, None], 1, 0), 1), 0) > 0:
             if BITONIC:
@@ -88,6 +97,9 @@ def linear_topk_kernel(
     out = pid_s * N + rows
     tl.store(lse_out + out, m + tl.log(se), mask=row_ok)
     vals, idx = decode_keys(best)
+    filled = best > empty_key()
+    vals = tl.where(filled, vals, -float("inf"))
+    idx = tl.where(filled, idx, -1)
     offs = (pid_s * N + rows_c)[:, None] * KP + tl.arange(0, KP)[None, :]
     tl.store(val_out + offs, vals, mask=row_ok[:, None])
     tl.store(idx_out + offs, idx, mask=row_ok[:, None])

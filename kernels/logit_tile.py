@@ -52,9 +52,17 @@ def grouped_tile(pid, n_m, n_n, GROUP_M: tl.constexpr):
     return tile_m, tile_n
 
 
+FLOOR = tl.constexpr(-1.0e38)  # the running max never drops below it: exp(-inf - FLOOR) = 0, never NaN
+
+
 @triton.jit
 def fold_tile(m, s, u):
-    """Fold a [BM, BN] tile (masked entries -inf) into the running row max m / sum-exp s."""
-    m_new = tl.maximum(m, tl.max(u, 1))
+    """Fold a [BM, BN] tile (masked entries -inf) into the running row max m / sum-exp s.
+
+    m may start at -inf; it is kept >= FLOOR, so a tile that is all -inf (masked, or a -inf
+    bias over a whole tile) adds exp(-inf) = 0 instead of exp(-inf + inf) = NaN. A row with no
+    finite entry ends with m = FLOOR, s = 0 and log-sum-exp m + log(s) = -inf.
+    """
+    m_new = tl.maximum(tl.maximum(m, tl.max(u, 1)), FLOOR)
     s = s * tl.exp(m - m_new) + tl.sum(tl.exp(u - m_new[:, None]), 1)
     return m_new, s

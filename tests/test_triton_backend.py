@@ -218,3 +218,26 @@ def test_backend_names() -> None:
     """All three Triton names are registered and usable here."""
     assert {"triton", "triton-chunked", "triton-fused"} <= set(L.BACKENDS)
     assert {"triton", "triton-chunked", "triton-fused"} <= set(L.available_backends(DEVICE))
+
+
+@pytest.mark.parametrize("bitonic", [False, True])
+def test_topk_mostly_masked_bias(monkeypatch: pytest.MonkeyPatch, bitonic: bool) -> None:
+    """Fewer finite logits than k (a -inf bias): every id is a real column, the -inf ones tie at log-prob -inf.
+
+    Tiny tiles make whole tiles -inf, a masked vocab tail and a last split narrower than k.
+    """
+    monkeypatch.setattr(fused, "TOPK_BITONIC", bitonic)
+    monkeypatch.setitem(fused._INTERPRETER_CONFIGS, "topk", fused.TileConfig(16, 16, 16, 1, 1))
+    x = _inputs()
+    n, v, k, finite = 16, 36, 16, [3, 20, 35]
+    hidden, weight = x["hidden"][:n], x["weight"][:v]
+    bias = torch.full((v,), -float("inf"))
+    bias[finite] = x["bias"][finite]
+    ref_ids, ref_lp = L.linear_topk(hidden.double(), weight.double(), k, bias=bias.double(), backend="reference")
+    ids, lp = L.linear_topk(hidden.to(DEVICE), weight.to(DEVICE), k, bias=bias.to(DEVICE), backend="triton-fused")
+    ids, lp = ids.cpu(), lp.cpu()
+    assert bool(((ids >= 0) & (ids < v)).all()), f"ids outside [0, {v}): {ids[(ids < 0) | (ids >= v)].tolist()}"
+    assert all(len(set(row.tolist())) == k for row in ids), "repeated ids in a row"
+    torch.testing.assert_close(lp.double(), ref_lp.double(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids[:, :3], ref_ids[:, :3])
+    assert bool(torch.isneginf(lp[:, 3:]).all()) and bool(torch.isneginf(bias[ids[:, 3:]]).all())

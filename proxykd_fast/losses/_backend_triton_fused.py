@@ -297,7 +297,11 @@ def streaming_topk(x: Tensor, w: Tensor, b: Tensor | None, k: int, temperature: 
     )
     cand_v = vals.permute(1, 0, 2).reshape(n, n_split * kp)
     cand_i = idx.permute(1, 0, 2).reshape(n, n_split * kp)
-    top_v, pos = torch.topk(cand_v, k, dim=1)
+    # Empty slots (id -1) rank below every real column, -inf logits included: the splits hold
+    # >= min(k, V) = k real candidates per row, so every returned id is in [0, V).
+    rank = torch.where(cand_v.isneginf(), torch.finfo(torch.float64).min, cand_v.double())
+    _, pos = torch.topk(torch.where(cand_i >= 0, rank, -float("inf")), k, dim=1)
+    top_v = cand_v.gather(1, pos)
     return cand_i.gather(1, pos), top_v - torch.logsumexp(lse, 0)[:, None]
 
 
