@@ -2,8 +2,9 @@
 
 Every case compares loss and the gradients of hidden, weight and bias with the fp64 reference
 (the oracle) and with the torch backend at the same dtype. Shapes are small and odd (N=37,
-H=23/31, V=509) so every kernel walks several row / vocab tiles with masked tails; on CPU the
-kernels run in the Triton interpreter.
+H=23/31, V=509) so every kernel walks several row / vocab tiles with masked tails, plus an even
+H=32 (EVEN_K: the unmasked K loads real shapes such as H=4096 take); on CPU the kernels run in
+the Triton interpreter.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ N, H, HP, V, K = 37, 23, 31, 509, 6
 STRATEGIES = ["triton-chunked", "triton-fused"]
 
 
-def _inputs(seed: int = 0, scale: float = 1.0) -> dict:
-    """Student / proxy heads, labels with ignored rows, offline top-k targets (fp32, CPU)."""
+def _inputs(seed: int = 0, scale: float = 1.0, h: int = H) -> dict:
+    """Student / proxy heads (student hidden size h), labels with ignored rows, offline top-k targets (fp32, CPU)."""
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, H, generator=g) * scale
-    weight = torch.randn(V, H, generator=g) * 0.3
+    hidden = torch.randn(N, h, generator=g) * scale
+    weight = torch.randn(V, h, generator=g) * 0.3
     bias = torch.randn(V, generator=g) * 0.1
     labels = torch.randint(0, V, (N,), generator=g)
     labels[[3, 17, 36]] = -100
@@ -136,6 +137,21 @@ def test_offline_topk_kd(backend: str, temperature: float, reduction: str) -> No
 def test_log_probs(backend: str, temperature: float) -> None:
     """Per-token tempered log-probs with a per-token upstream gradient."""
     _compare(_log_probs(temperature), _inputs(), backend)
+
+
+@pytest.mark.parametrize("backend", STRATEGIES)
+def test_even_hidden(backend: str) -> None:
+    """H = 32, a multiple of every tile's BK: the EVEN_K (unmasked K loads) path of the tile kernels."""
+    x = _inputs(seed=3, h=32)
+    _compare(_ce(), x, backend)
+    _compare(_offline(2.0, "none"), x, backend)  # two softmax scales
+    if backend == "triton-fused":  # both strategies share the streaming top-k kernel
+        ref_ids, ref_lp = L.linear_topk(x["hidden"].double(), x["weight"].double(), 7, bias=x["bias"].double(),
+                                        backend="reference")
+        ids, lp = L.linear_topk(x["hidden"].to(DEVICE), x["weight"].to(DEVICE), 7, bias=x["bias"].to(DEVICE),
+                                backend=backend)
+        torch.testing.assert_close(lp.cpu().double(), ref_lp.double(), rtol=1e-5, atol=1e-5)
+        assert (ids.cpu() == ref_ids).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("backend", STRATEGIES)
