@@ -80,6 +80,21 @@ def test_plain_text_records_stay_plain_with_eos() -> None:
     assert ex.prompt == list(tok("t1 t2")["input_ids"]) and ex.answer == ids(tok, "t3") + [tok.eos_token_id]
 
 
+def test_completions_mode_records_stay_plain_text() -> None:
+    """The teacher saw the raw prompt text: its record must not get a chat template in the pipeline."""
+    tok = chat_tokenizer()
+    unit = Unit(prompt="t1 t2", prompt_id="0", sample_index=0, prompt_hash="h", line_no=1)
+    done = Completion(text="t3 t4", finish_reason="stop", usage={}, response_id=None, model="m", request_id=None)
+    rec = build_record(unit, done, mode="completions", fmt="prompt_completion", model="m", attempts=1, latency_s=0.0)
+    assert rec["prompt"] == "t1 t2" and rec["completion"] == "t3 t4"
+    (ex,) = tokenize_records([rec], tok, 64)
+    assert ex.prompt == list(tok("t1 t2")["input_ids"]) and ex.answer == ids(tok, "t3 t4") + [tok.eos_token_id]
+    assert tok.convert_tokens_to_ids("<|im_start|>") not in ex.prompt
+    # A messages record would be rendered with the template the teacher never saw: refused.
+    with pytest.raises(ValueError, match="fmt='messages' needs mode='chat'"):
+        build_record(unit, done, mode="completions", fmt="messages", model="m", attempts=1, latency_s=0.0)
+
+
 def test_preference_records_end_both_answers_with_end_of_turn() -> None:
     tok = chat_tokenizer()
     im_end = tok.convert_tokens_to_ids("<|im_end|>")

@@ -67,3 +67,22 @@ def test_scheduler_names_are_transformers_names() -> None:
     from transformers import SchedulerType
 
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, AlignProxyConfig, PrecomputeConfig, DistillConfig, EvalConfig])
+def test_every_option_has_help(cls: type) -> None:
+    import argparse
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(cls) if not f.metadata.get("help")] == []
+    parser = argparse.ArgumentParser()
+    cls.add_arguments(parser)
+    text = " ".join(parser.format_help().split())  # also checks that no help text breaks %-formatting
+    assert "(default: 1024)" in text and "(default: auto)" in text
+
+
+def test_backend_help_names_every_backend() -> None:
+    from proxykd_fast.losses import BACKENDS
+    from proxykd_fast.pipeline.config import BACKEND_HELP
+
+    assert all(name in BACKEND_HELP for name in BACKENDS)

@@ -147,6 +147,21 @@ def test_completions_mode(server, tmp_path):
     assert [b.line_no for b in pf.bad_lines] == [2, 3]
 
 
+def test_messages_format_needs_chat_mode(tmp_path, capsys):
+    # Refused before the prompts file is read, the output dir created or any request sent.
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "text"}) + "\n")
+    cfg = CollectConfig(prompts=path, out=tmp_path / "out", base_url="http://127.0.0.1:9/v1", model="tiny",
+                        mode="completions", format="messages", progress=False)
+    with pytest.raises(CollectError, match="--format messages needs --mode chat"):
+        collect(cfg)
+    argv = ["collect", "--prompts", str(path), "--out", str(tmp_path / "out"), "--base-url", "http://127.0.0.1:9/v1",
+            "--model", "tiny", "--mode", "completions", "--format", "messages", "--no-progress"]
+    assert cli_main(argv) == 2
+    assert "prompt_completion" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_prompts_file(server, tmp_path, capsys):
     with pytest.raises(CollectError, match="prompts file not found"):
         collect(_config(server, tmp_path, prompts=tmp_path / "nope.jsonl"))

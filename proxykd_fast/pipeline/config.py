@@ -22,8 +22,19 @@ REPORTERS = ("none", "tensorboard", "wandb")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
                  "warmup_stable_decay")
-STUDENT_SPLIT_HELP = ("slice of --data used, 'start:stop' as fractions (or counts when > 1); the default 0.55:1 "
-                      "is the paper's student share: align-proxy uses 0:0.1 (warm-up) and 0.1:0.55 (alignment)")
+STUDENT_SPLIT_HELP = ("slice of --data used, 'start:stop' as fractions (or counts when > 1); 0.55:1 is the "
+                      "paper's student share: align-proxy uses 0:0.1 (warm-up) and 0.1:0.55 (alignment)")
+DATA_HELP = "teacher records: a collect output dir, a JSONL, JSON or parquet file, or a datasets save_to_disk dir"
+DTYPE_HELP = "dtype the model weights are loaded in: float32, bfloat16, float16 or float64"
+BACKEND_HELP = ("kernels of the fused losses: auto (triton on CUDA when available, else torch), reference "
+                "(full logits), torch (chunked), triton, triton-chunked, triton-fused or cuda")
+CHUNK_HELP = ("rows (tokens) per [rows x vocab] logits chunk of the fused losses, trading memory for speed; "
+              "unset: the backend's default (the chunked ones fit a 256 MiB CPU / 2 GiB GPU workspace)")
+MAX_LENGTH_HELP = ("most tokens of prompt + answer: answers are cut to fit, an over-long prompt keeps its last "
+                   "max_length - 1 tokens")
+PROGRESS_HELP = "show tqdm progress bars (main process only)"
+LOGLIK_HELP = "log-likelihood the weights w use: sum over the answer tokens, or the per-token mean"
+NORMALIZE_HELP = "rescale the weights w to mean 1 over the samples their mu/sigma come from"
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
@@ -98,7 +109,7 @@ class StageConfig:
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             typ = _field_type(cls, f)
-            helptext = f.metadata.get("help", "")
+            helptext = f.metadata.get("help", "") + _default_note(f)
             if typ is bool:
                 parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
             elif typ in (int, float, str):
@@ -114,6 +125,15 @@ class StageConfig:
         if getattr(args, "config", None):
             return cls.from_yaml(args.config, **overrides)
         return cls.from_dict(overrides)
+
+
+def _default_note(f: dataclasses.Field) -> str:
+    """' (default: X)' for a help text, X as YAML spells it; empty for a field without a set default."""
+    value = f.default
+    if value is dataclasses.MISSING or value is None or value == "":
+        return ""
+    shown = json.dumps(value) if isinstance(value, bool) else str(value)
+    return f" (default: {shown.replace('%', '%%')})"
 
 
 def _json_or_str(text: str) -> Any:
@@ -139,34 +159,71 @@ def _check_common(cfg: Any) -> None:
 class TrainConfig(StageConfig):
     """Options shared by the training stages (optimizer, schedule, logging, checkpoints)."""
 
-    output_dir: str = "proxykd_out"
-    seed: int = 0
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int = 0
-    num_epochs: float = 1.0
-    max_length: int = 1024
-    max_grad_norm: float = 1.0
-    dtype: str = "float32"
-    lora: dict | None = None
-    eval_data: str | None = None
-    eval_every: int = 0
-    eval_batch_size: int = 32
-    early_stopping_patience: int = 0
-    save_every: int = 0
+    output_dir: str = field(default="proxykd_out", metadata={
+        "help": "directory of the final model (from_pretrained-loadable, LoRA merged), checkpoints, metrics.jsonl "
+                "and the saved run config; align-proxy keeps each phase's checkpoints and metrics in sft/ and "
+                "round-N/"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of torch (initialisation, sampling) and of the data order, a pure function of "
+                "(seed, epoch) so a resume sees the same batches"})
+    learning_rate: float = field(default=1e-4, metadata={
+        "help": "AdamW learning rate (align-proxy: of the SFT warm-up, and of the DPO rounds unless "
+                "--round-learning-rate)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (0: none)"})
+    lr_scheduler: str = field(default="constant", metadata={
+        "help": "transformers scheduler name: constant, linear, cosine, cosine_with_restarts, polynomial, "
+                "constant_with_warmup, inverse_sqrt, ...; it restarts in each align-proxy phase"})
+    warmup_steps: int = field(default=0, metadata={
+        "help": "learning-rate warm-up steps of the scheduler (0: none; the constant scheduler ignores them, "
+                "use constant_with_warmup); not align-proxy's SFT warm-up, see --warmup-steps-sft"})
+    batch_size: int = field(default=8, metadata={
+        "help": "micro-batch size per process; an optimizer step sees batch_size * grad_accum * processes "
+                "samples"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches accumulated per optimizer step (exact: the loss is normalised by the global "
+                "token / pair count)"})
+    max_steps: int = field(default=0, metadata={
+        "help": "optimizer steps of the run (align-proxy: of each phase without its own step count), "
+                "overriding the epochs; 0: from the epochs"})
+    num_epochs: float = field(default=1.0, metadata={
+        "help": "passes over the training split when max_steps is 0 (fractions allowed); align-proxy uses "
+                "--warmup-epochs and --round-epochs instead"})
+    max_length: int = field(default=1024, metadata={"help": MAX_LENGTH_HELP})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "clip the gradient norm to this value; 0: no clipping"})
+    dtype: str = field(default="float32", metadata={"help": DTYPE_HELP})
+    lora: dict | None = field(default=None, metadata={
+        "help": "peft LoraConfig keyword arguments, e.g. '{\"r\": 16, \"lora_alpha\": 32}'; target_modules "
+                "defaults to all-linear and task_type to CAUSAL_LM; adapters on lm_head are refused (the fused "
+                "losses read the head weight); merged into the saved model; unset: full fine-tuning"})
+    eval_data: str | None = field(default=None, metadata={
+        "help": "held-out teacher records (formats as --data) scored by per-token NLL; align-proxy also scores "
+                "them before and after each phase, to revert a round that made them worse"})
+    eval_every: int = field(default=0, metadata={
+        "help": "held-out evaluation every N optimizer steps and at the last one (needs --eval-data); 0: none "
+                "during training"})
+    eval_batch_size: int = field(default=32, metadata={
+        "help": "batch size of the no-grad passes: held-out NLL, align-proxy's reference log-probs, distill's "
+                "online dataset weights"})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "stop after N evaluations in a row without a new best held-out NLL; the best weights are "
+                "restored at the end; 0: off"})
+    save_every: int = field(default=0, metadata={
+        "help": "checkpoint every N optimizer steps into the run's checkpoints/ dir (only the latest is kept; "
+                "--resume continues from it); 0: no checkpoints"})
     resume: bool = field(default=False, metadata={
         "help": "continue from the latest checkpoint (the stored run config must match); without it the "
                 "stage's checkpoints, phase markers and metrics in output_dir are cleared first"})
-    max_steps_this_run: int = 0
-    log_every: int = 1
-    report_to: str = "none"
-    progress: bool = True
-    chunk_size: int | None = None
-    backend: str = "auto"
+    max_steps_this_run: int = field(default=0, metadata={
+        "help": "stop after N optimizer steps in this invocation (exit code 3, unfinished; continue with "
+                "--resume from the last --save-every checkpoint); 0: no limit"})
+    log_every: int = field(default=1, metadata={
+        "help": "write a metrics row every N optimizer steps (evaluation steps always)"})
+    report_to: str = field(default="none", metadata={
+        "help": "comma list of none, tensorboard, wandb; metrics.jsonl is always written"})
+    progress: bool = field(default=True, metadata={"help": PROGRESS_HELP})
+    chunk_size: int | None = field(default=None, metadata={"help": CHUNK_HELP})
+    backend: str = field(default="auto", metadata={"help": BACKEND_HELP})
 
     def validate(self) -> None:
         """Ranges and choices of the training options."""
@@ -190,28 +247,47 @@ class TrainConfig(StageConfig):
 class AlignProxyConfig(TrainConfig):
     """Proxy alignment: SFT warm-up on teacher data, then K rounds of NLL + DPO(teacher vs proxy sample)."""
 
-    proxy: str = ""
-    data: str = ""
+    proxy: str = field(default="", metadata={
+        "help": "white-box proxy model to align, a Hugging Face id or local dir; its tokenizer reads --data "
+                "(required)"})
+    data: str = field(default="", metadata={"help": DATA_HELP + " (required)"})
     warmup_split: str = field(default="0:0.1", metadata={"help": "slice of --data for the SFT warm-up (paper: 10%%)"})
     align_split: str = field(default="0.1:0.55", metadata={"help": "slice of --data for the DPO rounds (paper: 45%%)"})
-    warmup_steps_sft: int = 0
-    warmup_epochs: float = 1.0
-    rounds: int = 2
-    round_epochs: float = 1.0
-    round_steps: int = 0
-    round_learning_rate: float | None = None
-    beta: float = 0.1
-    nll_alpha: float = 1.0
+    warmup_steps_sft: int = field(default=0, metadata={
+        "help": "optimizer steps of the SFT warm-up; 0: max_steps if set, else --warmup-epochs"})
+    warmup_epochs: float = field(default=1.0, metadata={
+        "help": "passes over warmup_split in the SFT warm-up (fractions allowed)"})
+    rounds: int = field(default=2, metadata={
+        "help": "K rounds of NLL + DPO after the warm-up; each samples fresh rejected answers from the current "
+                "proxy, which is also the round's frozen reference; 0: SFT warm-up only"})
+    round_epochs: float = field(default=1.0, metadata={
+        "help": "passes over align_split per DPO round (fractions allowed)"})
+    round_steps: int = field(default=0, metadata={
+        "help": "optimizer steps per DPO round; 0: max_steps if set, else --round-epochs"})
+    round_learning_rate: float | None = field(default=None, metadata={
+        "help": "learning rate of the DPO rounds; unset or 0: --learning-rate"})
+    beta: float = field(default=0.1, metadata={
+        "help": "DPO beta (> 0): scale of the policy-minus-reference log-ratio margin"})
+    nll_alpha: float = field(default=1.0, metadata={
+        "help": "weight of the per-token NLL of the teacher (chosen) answers added to the mean DPO loss; "
+                "0: DPO only"})
     dpo_loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid, ipo, hinge, robust or apo_zero"})
     label_smoothing: float = field(default=0.0, metadata={
         "help": "DPO label smoothing in [0, 0.5) (conservative DPO; loss types sigmoid and robust only)"})
-    average_log_prob: bool = False
-    gen_max_new_tokens: int = 256
-    gen_temperature: float = 1.0
-    gen_top_p: float = 1.0
+    average_log_prob: bool = field(default=False, metadata={
+        "help": "DPO compares per-token mean log-probs instead of sums (ipo always uses means)"})
+    gen_max_new_tokens: int = field(default=256, metadata={
+        "help": "most new tokens of each sampled rejected answer"})
+    gen_temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature (> 0) of the rejected answers"})
+    gen_top_p: float = field(default=1.0, metadata={
+        "help": "nucleus top-p in (0, 1] of the rejected-answer sampling (1: off)"})
     gen_top_k: int = field(default=0, metadata={"help": "top-k of the rejected-answer sampling (0: off)"})
-    gen_batch_size: int = 32
-    keep_round_if_worse: bool = False
+    gen_batch_size: int = field(default=32, metadata={
+        "help": "prompts per generate call when sampling rejected answers"})
+    keep_round_if_worse: bool = field(default=False, metadata={
+        "help": "keep a DPO round that raised the held-out NLL; without it such a round is reverted and the "
+                "rounds stop (needs --eval-data)"})
 
     def validate(self) -> None:
         """Ranges and choices of the alignment options."""
@@ -242,22 +318,33 @@ class AlignProxyConfig(TrainConfig):
 class PrecomputeConfig(StageConfig):
     """Offline proxy targets: per-token top-k log-probs and per-sample log-likelihoods and weights."""
 
-    proxy: str = ""
-    data: str = ""
-    output_dir: str = "proxykd_targets"
-    tokenizer: str | None = None
-    top_k: int = 10
-    batch_size: int = 16
-    shard_size: int = 1024
-    max_length: int = 1024
-    format: str = "parquet"
-    weight_stats: str = "dataset"
-    loglik: str = "sum"
-    normalize_weights: bool = False
-    dtype: str = "float32"
-    progress: bool = True
-    chunk_size: int | None = None
-    backend: str = "auto"
+    proxy: str = field(default="", metadata={
+        "help": "aligned proxy model, e.g. align-proxy's output_dir, or a Hugging Face id (required)"})
+    data: str = field(default="", metadata={"help": DATA_HELP + " (required)"})
+    output_dir: str = field(default="proxykd_targets", metadata={
+        "help": "directory of the target shards, weights.parquet and manifest.json (distill --targets)"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "tokenizer of the records (the student's); must have the proxy's exact vocabulary; unset: "
+                "the proxy's"})
+    top_k: int = field(default=10, metadata={
+        "help": "log-probs stored per answer token (the proxy's k most likely ids); distill renormalises over "
+                "them"})
+    batch_size: int = field(default=16, metadata={"help": "examples per proxy forward pass"})
+    shard_size: int = field(default=1024, metadata={
+        "help": "examples per shard file (a shard is the unit --resume keeps)"})
+    max_length: int = field(default=1024, metadata={"help": MAX_LENGTH_HELP})
+    format: str = field(default="parquet", metadata={"help": "shard file format: parquet or safetensors"})
+    weight_stats: str = field(default="dataset", metadata={
+        "help": "dataset or batch, recorded in the manifest only: weights.parquet always uses mu/sigma over the "
+                "whole split; distill --weight-stats decides what training uses"})
+    loglik: str = field(default="sum", metadata={
+        "help": LOGLIK_HELP + "; distill recomputes the weights when its --loglik differs"})
+    normalize_weights: bool = field(default=False, metadata={
+        "help": NORMALIZE_HELP + "; distill recomputes the weights when its setting differs"})
+    dtype: str = field(default="float32", metadata={"help": DTYPE_HELP})
+    progress: bool = field(default=True, metadata={"help": PROGRESS_HELP})
+    chunk_size: int | None = field(default=None, metadata={"help": CHUNK_HELP})
+    backend: str = field(default="auto", metadata={"help": BACKEND_HELP})
     split: str = field(default="0.55:1", metadata={"help": STUDENT_SPLIT_HELP})
     resume: bool = field(default=False, metadata={
         "help": "keep the shards already written (the stored run info must match); without it existing "
@@ -278,23 +365,39 @@ class PrecomputeConfig(StageConfig):
 class DistillConfig(TrainConfig):
     """Student distillation: NLL + alpha * w * KL(proxy || student) on offline targets or an online proxy."""
 
-    student: str = ""
-    targets: str | None = None
-    proxy: str | None = None
-    data: str | None = None
+    student: str = field(default="", metadata={
+        "help": "student model to train, a Hugging Face id or local dir; its tokenizer reads the data "
+                "(required)"})
+    targets: str | None = field(default=None, metadata={
+        "help": "precompute output dir: offline top-k targets and weights (ignored when --proxy is given)"})
+    proxy: str | None = field(default=None, metadata={
+        "help": "online proxy model, run without grad on every batch: its full distribution (needed by "
+                "reverse_kl and jsd); takes precedence over --targets"})
+    data: str | None = field(default=None, metadata={
+        "help": DATA_HELP + "; read with an online --proxy or --alpha 0 (offline targets carry their tokens)"})
     split: str = field(default="0.55:1", metadata={"help": STUDENT_SPLIT_HELP + " (online proxy / --alpha 0 only: "
                                                            "offline targets were split by precompute)"})
-    alpha: float = 100.0
-    temperature: float = 1.0
+    alpha: float = field(default=100.0, metadata={
+        "help": "weight of the KD term in NLL + alpha * w * T^2 * KL(proxy || student) (the paper uses 100); "
+                "0: plain SFT on the teacher answers, needing only --data"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "T (> 0): the KD term compares both distributions softened by T and is scaled by T^2; the NLL "
+                "uses T = 1"})
     divergence: str = field(default="forward_kl", metadata={
         "help": "forward_kl = KL(proxy || student) (the paper); reverse_kl and jsd need an online --proxy"})
-    jsd_beta: float = 0.5
-    use_weights: bool = True
-    top_k: int = 10
+    jsd_beta: float = field(default=0.5, metadata={
+        "help": "b in (0, 1) of divergence=jsd: b * KL(p || m) + (1 - b) * KL(q || m) with m = b * p + (1 - b) "
+                "* q (p proxy, q student)"})
+    use_weights: bool = field(default=True, metadata={
+        "help": "per-sample weights w = sigmoid((loglik - mu) / sigma) from the proxy's log-likelihood of each "
+                "teacher answer; --no-use-weights (or --no-weights): w = 1"})
+    top_k: int = field(default=10, metadata={
+        "help": "not read by the loss: offline runs take k from the targets' manifest and an online proxy gives "
+                "its full distribution"})
     weight_stats: str = field(default="dataset", metadata={
         "help": "mu/sigma of the weights over the whole training set (dataset) or each micro-batch (batch)"})
-    loglik: str = "sum"
-    normalize_weights: bool = False
+    loglik: str = field(default="sum", metadata={"help": LOGLIK_HELP})
+    normalize_weights: bool = field(default=False, metadata={"help": NORMALIZE_HELP})
 
     def validate(self) -> None:
         """Ranges and choices of the distillation options."""
@@ -315,19 +418,25 @@ class DistillConfig(TrainConfig):
 class EvalConfig(StageConfig):
     """Evaluation: held-out NLL of teacher answers, KL to a reference model, generation samples."""
 
-    model: str = ""
-    data: str = ""
-    output: str | None = None
-    reference: str | None = None
-    batch_size: int = 32
-    max_length: int = 1024
-    num_samples: int = 4
-    max_new_tokens: int = 64
-    split: str = "0:1"
-    dtype: str = "float32"
-    progress: bool = True
-    chunk_size: int | None = None
-    backend: str = "auto"
+    model: str = field(default="", metadata={
+        "help": "model to evaluate, a Hugging Face id or local dir (required)"})
+    data: str = field(default="", metadata={"help": DATA_HELP + " (required)"})
+    output: str | None = field(default=None, metadata={
+        "help": "also write the result JSON to this file (it is always printed)"})
+    reference: str | None = field(default=None, metadata={
+        "help": "reference model with the same vocabulary: report per-token KL(reference || model) and NLL; "
+                "unset: NLL only"})
+    batch_size: int = field(default=32, metadata={"help": "examples per forward pass"})
+    max_length: int = field(default=1024, metadata={"help": MAX_LENGTH_HELP})
+    num_samples: int = field(default=4, metadata={
+        "help": "greedy generations shown next to the teacher's answers, for the first N examples (0: none)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "most new tokens of each generation sample"})
+    split: str = field(default="0:1", metadata={
+        "help": "slice of --data evaluated, 'start:stop' as fractions (or counts when > 1); 0:1: all of it"})
+    dtype: str = field(default="float32", metadata={"help": DTYPE_HELP})
+    progress: bool = field(default=True, metadata={"help": PROGRESS_HELP})
+    chunk_size: int | None = field(default=None, metadata={"help": CHUNK_HELP})
+    backend: str = field(default="auto", metadata={"help": BACKEND_HELP})
 
     def validate(self) -> None:
         """Ranges and choices of the evaluation options."""

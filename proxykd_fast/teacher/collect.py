@@ -55,6 +55,16 @@ class CollectConfig:
     allow_config_change: bool = False
     max_consecutive_failures: int = 50
 
+    def validate(self) -> None:
+        """Refuse option combinations that would write misleading records (CollectError saying why)."""
+        if self.format == "messages" and self.mode == "completions":
+            raise CollectError(
+                "--format messages needs --mode chat: in completions mode the teacher answers the raw prompt "
+                "text with no chat template, but a messages record is a conversation that the pipeline (and "
+                "TRL) would render with one; use --format prompt_completion, which keeps prompt and answer "
+                "as plain text"
+            )
+
     def run_info(self) -> dict[str, Any]:
         """Settings that change what the teacher answers; a resumed run must not change them."""
         return {
@@ -277,6 +287,7 @@ def collect(config: CollectConfig) -> CollectSummary:
 async def acollect(config: CollectConfig) -> CollectSummary:
     """`collect` for callers that already run an event loop."""
     start = time.monotonic()
+    config.validate()
     summary = CollectSummary(out_dir=str(config.out))
     units = plan_units(config, summary)
     try:

@@ -37,14 +37,22 @@ def build_record(
     attempts: int,
     latency_s: float,
 ) -> dict[str, Any]:
-    """Return the JSON record for a completed unit, with prompt hash, usage and timing metadata."""
+    """Return the JSON record for a completed unit, with prompt hash, usage and timing metadata.
+
+    Chat mode writes TRL conversational data (messages, or prompt/completion message lists); completions
+    mode writes plain-text prompt/completion strings. fmt="messages" needs chat mode: a completions-mode
+    answer followed the raw prompt text, and wrapping that text as a user turn would make consumers
+    render it with a chat template the teacher never saw (ValueError).
+    """
+    if fmt == "messages" and mode != "chat":
+        raise ValueError("fmt='messages' needs mode='chat': completions-mode records stay plain text "
+                         "(use fmt='prompt_completion')")
     if mode == "chat":
         answer: Any = [{"role": "assistant", "content": completion.text}]
     else:
         answer = completion.text
     if fmt == "messages":
-        prompt_msgs = unit.prompt if mode == "chat" else [{"role": "user", "content": unit.prompt}]
-        body: dict[str, Any] = {"messages": list(prompt_msgs) + [{"role": "assistant", "content": completion.text}]}
+        body: dict[str, Any] = {"messages": list(unit.prompt) + [{"role": "assistant", "content": completion.text}]}
     else:
         body = {"prompt": unit.prompt, "completion": answer}
     body.update(
