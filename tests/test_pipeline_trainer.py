@@ -177,3 +177,19 @@ def test_reference_logps_are_on_the_loss_scale(loss_type: str) -> None:
         plain, _ = dpo_loss_fn(cfg)(HiddenAndHead(model), shifted)
         smoothed, _ = dpo_loss_fn(AlignProxyConfig(label_smoothing=0.2))(HiddenAndHead(model), shifted)
         assert float(smoothed["dpo"].detach()) != pytest.approx(float(plain["dpo"].detach()))  # label_smoothing reaches the loss
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "linear"])
+def test_warmup_steps_warm_up_every_scheduler(tmp_path: Path, scheduler: str) -> None:
+    """transformers' 'constant' ignores warm-up steps; ours turns it into constant_with_warmup."""
+    from proxykd_fast.pipeline.align import count_tokens, sft_loss_fn
+
+    model = build_llama(VOCAB, 16, 1, 32, 2, 0)
+    seqs = [[5 + (i + j) % 30 for j in range(8)] for i in range(4)]
+    cfg = TrainConfig(batch_size=2, progress=False, output_dir=str(tmp_path), learning_rate=1e-3, warmup_steps=4,
+                      lr_scheduler=scheduler)
+    res = train(cfg, model, n_train=4, make_batch=lambda idx: pad_batch([seqs[i] for i in idx], [2] * len(idx), 0),
+                count_items=count_tokens, loss_fn=sft_loss_fn(None, "torch"), out_dir=tmp_path, steps=8)
+    lrs = [r["lr"] for r in res.history]
+    assert lrs[:3] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
+    assert lrs[3] == pytest.approx(1e-3)

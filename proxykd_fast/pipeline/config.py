@@ -174,8 +174,8 @@ class TrainConfig(StageConfig):
         "help": "transformers scheduler name: constant, linear, cosine, cosine_with_restarts, polynomial, "
                 "constant_with_warmup, inverse_sqrt, ...; it restarts in each align-proxy phase"})
     warmup_steps: int = field(default=0, metadata={
-        "help": "learning-rate warm-up steps of the scheduler (0: none; the constant scheduler ignores them, "
-                "use constant_with_warmup); not align-proxy's SFT warm-up, see --warmup-steps-sft"})
+        "help": "learning-rate warm-up steps of the scheduler (0: none; with the constant scheduler they make it "
+                "constant_with_warmup); not align-proxy's SFT warm-up, see --warmup-steps-sft"})
     batch_size: int = field(default=8, metadata={
         "help": "micro-batch size per process; an optimizer step sees batch_size * grad_accum * processes "
                 "samples"})
@@ -334,9 +334,6 @@ class PrecomputeConfig(StageConfig):
         "help": "examples per shard file (a shard is the unit --resume keeps)"})
     max_length: int = field(default=1024, metadata={"help": MAX_LENGTH_HELP})
     format: str = field(default="parquet", metadata={"help": "shard file format: parquet or safetensors"})
-    weight_stats: str = field(default="dataset", metadata={
-        "help": "dataset or batch, recorded in the manifest only: weights.parquet always uses mu/sigma over the "
-                "whole split; distill --weight-stats decides what training uses"})
     loglik: str = field(default="sum", metadata={
         "help": LOGLIK_HELP + "; distill recomputes the weights when its --loglik differs"})
     normalize_weights: bool = field(default=False, metadata={
@@ -356,7 +353,6 @@ class PrecomputeConfig(StageConfig):
         check_range("top_k", self.top_k, 1)
         check_range("shard_size", self.shard_size, 1)
         check_choice("format", self.format, ("parquet", "safetensors"))
-        check_choice("weight_stats", self.weight_stats, ("dataset", "batch"))
         check_choice("loglik", self.loglik, ("sum", "mean"))
         check_split_spec("split", self.split)
 
@@ -391,9 +387,6 @@ class DistillConfig(TrainConfig):
     use_weights: bool = field(default=True, metadata={
         "help": "per-sample weights w = sigmoid((loglik - mu) / sigma) from the proxy's log-likelihood of each "
                 "teacher answer; --no-use-weights (or --no-weights): w = 1"})
-    top_k: int = field(default=10, metadata={
-        "help": "not read by the loss: offline runs take k from the targets' manifest and an online proxy gives "
-                "its full distribution"})
     weight_stats: str = field(default="dataset", metadata={
         "help": "mu/sigma of the weights over the whole training set (dataset) or each micro-batch (batch)"})
     loglik: str = field(default="sum", metadata={"help": LOGLIK_HELP})
@@ -409,7 +402,6 @@ class DistillConfig(TrainConfig):
         check_range("temperature", self.temperature, 0, low_open=True)
         check_choice("divergence", self.divergence, DIVERGENCES)
         check_range("jsd_beta", self.jsd_beta, 0, 1, low_open=True, high_open=True)
-        check_range("top_k", self.top_k, 1)
         check_choice("weight_stats", self.weight_stats, ("dataset", "batch"))
         check_choice("loglik", self.loglik, ("sum", "mean"))
 

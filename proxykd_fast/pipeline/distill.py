@@ -128,7 +128,7 @@ def _online_rows(cfg: DistillConfig, tok: Any) -> list[TargetRow]:
         raise PipelineError("online distillation needs --data (teacher answers)")
     records = load_records(cfg.data)
     lo, hi = parse_split(cfg.split, len(records))
-    empty = np.zeros((0, cfg.top_k))
+    empty = np.zeros((0, 0))
     return [TargetRow(e.index, e.prompt + e.answer, len(e.prompt), empty, empty, 0.0, len(e.answer))
             for e in tokenize_records(records[lo:hi], tok, cfg.max_length)]
 
@@ -165,10 +165,10 @@ def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
         if vocab_size(proxy) != vocab_size(student):
             raise PipelineError(f"proxy head has {vocab_size(proxy)} rows, student head {vocab_size(student)}")
         rows = _online_rows(cfg, tok)
-        k = cfg.top_k
+        k = 0  # the online proxy gives its full distribution
     elif cfg.alpha == 0 and cfg.data:
         rows = _online_rows(cfg, tok)
-        k = cfg.top_k
+        k = 0
     else:
         raise PipelineError("distill needs --targets (offline) or --proxy (online), or --alpha 0 with --data")
     if cfg.divergence != "forward_kl" and cfg.alpha != 0 and proxy is None:

@@ -118,7 +118,7 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, Any]:
     manifest = {
         "complete": True, "format": cfg.format, "top_k": cfg.top_k, "num_samples": int(n), "shards": names,
         "proxy": cfg.proxy, "vocab_size": len(tok), "vocab_fingerprint": vocab_fingerprint(tok),
-        "weight_stats": cfg.weight_stats, "loglik": cfg.loglik, "normalize_weights": cfg.normalize_weights,
+        "loglik": cfg.loglik, "normalize_weights": cfg.normalize_weights,
         "loglik_mean": float(lv.mean()), "loglik_std": float(lv.std()), "weight_mean": float(weights.mean()),
         "data": str(cfg.data), "split": cfg.split,
     }

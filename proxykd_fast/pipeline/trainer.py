@@ -96,7 +96,10 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+    kind = cfg.lr_scheduler
+    if kind == "constant" and cfg.warmup_steps > 0:  # HF's "constant" ignores warm-up steps
+        kind = "constant_with_warmup"
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
     prepared = acc.prepare(wrapped)
     state: dict[str, Any] = {"best_eval": None, "bad_evals": 0, "stopped_early": False}
     best_weights: dict[str, Tensor] | None = None
