@@ -51,11 +51,11 @@ class TileConfig:
 # Chosen for Hopper/Ampere (sm_90 / sm_80) from ptxas figures; the AOT test checks they compile
 # without spills, fit shared memory and keep register headroom (spill-free when capped at 224
 # registers), on triton 3.7.1 and, checked by hand, 3.6. Keys: (kind, operand bits); "topk64"
-# is top-k with k > 32. ptxas takes all 255 registers for the bf16 lse / grad tiles but needs
-# <= 200 of them (no spill at maxnreg=200). The top-k tiles really need what they use (the
-# packed int64 keys and the bitonic merge): 64-row tiles took 237-255 and spilled when capped,
-# so they are 32 x 64 (168-204 registers); top-k is a no-grad precompute step, off the
-# training step's critical path.
+# is top-k with k > 32. ptxas takes up to all 255 registers for the bf16 lse / grad tiles but
+# needs <= 200 of them (no spill at maxnreg=200, both archs, triton 3.6 and 3.7.1). The top-k
+# tiles need what they use (packed int64 keys, bitonic merge): 64-row tiles took 237-255
+# registers and most spilled when capped at 224-232, so they are 32 x 64 (168-206 registers);
+# top-k is a no-grad precompute step, off the training step's critical path.
 _GPU_CONFIGS = {
     ("lse", 16): TileConfig(128, 128, 64, 8, 3),
     ("grad", 16): TileConfig(128, 128, 64, 8, 3),
