@@ -154,3 +154,21 @@ def test_no_grad_mode_skips_the_gradient_gemms(monkeypatch: pytest.MonkeyPatch) 
     with torch.no_grad():
         proxy_kd_loss(p.hs, ws, p.labels, proxy_hidden=p.hp, proxy_weight=p.wp, backend="torch")
     assert calls == []
+
+
+def test_ignored_rows_cost_no_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompt and padding rows are skipped by the chunk driver: logits are computed for valid rows only."""
+    from proxykd_fast.losses import chunked
+
+    seen = []
+    real = chunked.logits_into
+
+    def counting(out: torch.Tensor, x: torch.Tensor, *rest: object) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return real(out, x, *rest)
+
+    monkeypatch.setattr(chunked, "logits_into", counting)
+    p = make_problem(n=40, seed=10, ignore_every=2)
+    n_valid = int((p.labels != -100).sum())
+    run_kd(p, "torch", alpha=1.0, chunk_size=7)
+    assert sum(seen) == 2 * n_valid  # student and proxy GEMMs, valid rows only

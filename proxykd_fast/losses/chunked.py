@@ -1,7 +1,8 @@
 """The chunked backend: fused linear + loss over row chunks, logits never exist beyond a chunk.
 
-Each chunk of C rows gets its logits from one GEMM per model, an epilogue turns them into row
-losses and dlogits in place, and two more GEMMs give dX and add into an fp32 dW. With a scalar
+Rows whose label is ignore_index (prompts, padding) cost nothing: each chunk of C valid rows gets
+its logits from one GEMM per model, an epilogue turns them into row losses and dlogits in place,
+and two more GEMMs give dX and add into an fp32 dW. With a scalar
 upstream gradient (reduction mean/sum) all of this runs in the forward and the backward only
 rescales; with reduction="none" the backward recomputes the chunks with the per-row gradients.
 The epilogue is pluggable so the Triton backend reuses this driver with its own kernel.
@@ -9,6 +10,7 @@ The epilogue is pluggable so the Triton backend reuses this driver with its own 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -72,41 +74,51 @@ def run_chunks(
     online = batch.proxy_weight is not None
     need_grad = row_grad is not None and (grad_hidden or grad_weight or grad_bias)
     nbuf = getattr(epilogue, "buffers_needed", buffers_needed)(opts, online, acc_dtype)
-    rows = opts.chunk_size or default_chunk_rows(device, nbuf, vocab, n)
-    rows = max(1, min(rows, n))
-    bufs = workspace(device, nbuf, rows, vocab, acc_dtype) if n else []
+    labels = batch.labels
+    # Ignored rows (prompts, padding) cost no GEMM: chunks are cut over the valid rows only.
+    order = (labels != opts.ignore_index).nonzero().view(-1) if n else None
+    if order is not None and order.numel() == n:
+        order = None  # every row counts: plain slices, no gathers
+    m = n if order is None else order.numel()
+    rows = opts.chunk_size or default_chunk_rows(device, nbuf, vocab, m)
+    rows = max(1, min(rows, m))
+    bufs = workspace(device, nbuf, rows, vocab, acc_dtype) if m else []
 
     row_loss = torch.zeros(n, device=device, dtype=acc_dtype)
     nll_sum = torch.zeros((), device=device, dtype=torch.float64)
     kd_sum = torch.zeros((), device=device, dtype=torch.float64)
-    d_hidden = torch.empty_like(hs) if need_grad and grad_hidden else None
+    d_hidden = None
+    if need_grad and grad_hidden:
+        d_hidden = torch.empty_like(hs) if order is None else torch.zeros_like(hs)
     d_weight = torch.zeros(ws.shape, device=device, dtype=acc_dtype) if need_grad and grad_weight else None
     d_bias = torch.zeros(vocab, device=device, dtype=acc_dtype) if need_grad and grad_bias else None
-    labels = batch.labels
     scalar_grad = not isinstance(row_grad, Tensor)
 
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
+    for start in range(0, m, rows):
+        stop = min(start + rows, m)
         c = stop - start
-        S = logits_into(bufs[0][:c], hs[start:stop], ws, bs)
+        idx = None if order is None else order[start:stop]
+        take = functools.partial(_chunk_rows, start=start, stop=stop, idx=idx)
+        x = take(hs)
+        S = logits_into(bufs[0][:c], x, ws, bs)
         P = R = None
         if online and nbuf >= 2:
-            P = logits_into(bufs[1][:c], batch.proxy_hidden[start:stop], batch.proxy_weight, batch.proxy_bias)
+            P = logits_into(bufs[1][:c], take(batch.proxy_hidden), batch.proxy_weight, batch.proxy_bias)
         if nbuf > (2 if online else 1):
             R = bufs[-1][:c]
-        y = labels[start:stop]
+        y = take(labels)
         valid = y != opts.ignore_index
         y_safe = torch.where(valid, y, torch.zeros_like(y))
         validf = valid.to(acc_dtype)
         g = validf * (row_grad if scalar_grad and row_grad is not None else 1.0)
         if not scalar_grad:
-            g = g * row_grad[start:stop].to(acc_dtype)
+            g = g * take(row_grad).to(acc_dtype)
         kd_scale = validf * opts.alpha
         if batch.row_weight is not None:
-            kd_scale = kd_scale * batch.row_weight[start:stop].to(acc_dtype)
+            kd_scale = kd_scale * take(batch.row_weight).to(acc_dtype)
         ids = lps = None
         if batch.topk_ids is not None:
-            ids, lps = batch.topk_ids[start:stop], batch.topk_logprobs[start:stop].to(acc_dtype)
+            ids, lps = take(batch.topk_ids), take(batch.topk_logprobs).to(acc_dtype)
         nll, kd = epilogue(S, P, R, ids, lps, y_safe, g, g * kd_scale, opts, need_grad)
         nll = nll * validf
         loss = nll
@@ -115,16 +127,28 @@ def run_chunks(
             kd = kd * validf
             kd_sum += kd.sum(dtype=torch.float64)
             loss = loss + kd_scale * kd
-        row_loss[start:stop] = loss
+        if idx is None:
+            row_loss[start:stop] = loss
+        else:
+            row_loss.index_copy_(0, idx, loss.to(acc_dtype))
         if need_grad:
             G = grad_operand(S, ws)
             if d_hidden is not None:
-                d_hidden[start:stop] = grad_input_chunk(G, ws)
+                dx = grad_input_chunk(G, ws)
+                if idx is None:
+                    d_hidden[start:stop] = dx
+                else:
+                    d_hidden.index_copy_(0, idx, dx.to(d_hidden.dtype))
             if d_weight is not None:
-                accumulate_grad_weight(d_weight, S, hs[start:stop], G)
+                accumulate_grad_weight(d_weight, S, x, G)
             if d_bias is not None:
                 d_bias += S.sum(0)
     return ChunkResult(row_loss, nll_sum, kd_sum, d_hidden, d_weight, d_bias)
+
+
+def _chunk_rows(t: Tensor, *, start: int, stop: int, idx: Tensor | None) -> Tensor:
+    """A chunk's rows of a per-row tensor: a slice, or the gathered valid rows."""
+    return t[start:stop] if idx is None else t.index_select(0, idx)
 
 
 def _scale(t: Tensor | None, s: Tensor, dtype: torch.dtype | None = None) -> Tensor | None:
