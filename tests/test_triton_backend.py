@@ -9,22 +9,12 @@ the Triton interpreter.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from _triton_env import DEVICE
 
-pytest.importorskip("triton")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
-
-import proxykd_fast.losses as L  # noqa: E402
-from proxykd_fast.losses import _backend_triton_fused as fused  # noqa: E402
-from proxykd_fast.losses._epilogue_triton import interpreter_problem  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-if DEVICE == "cpu" and interpreter_problem():
-    pytest.skip(f"no CUDA and no usable Triton interpreter: {interpreter_problem()}", allow_module_level=True)
+import proxykd_fast.losses as L
+from proxykd_fast.losses import _backend_triton_fused as fused
 
 N, H, HP, V, K = 37, 23, 31, 509, 6
 STRATEGIES = ["triton-chunked", "triton-fused"]

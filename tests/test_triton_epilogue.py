@@ -7,22 +7,13 @@ and several vocab blocks with a masked tail. On CPU the kernels run in the Trito
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from _triton_env import DEVICE
 
-pytest.importorskip("triton")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
-
-from proxykd_fast.losses._epilogue_torch import torch_epilogue  # noqa: E402
-from proxykd_fast.losses._epilogue_triton import interpreter_problem, triton_epilogue  # noqa: E402
-from proxykd_fast.losses._validation import KDOptions  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-if DEVICE == "cpu" and interpreter_problem():
-    pytest.skip(f"no CUDA and no usable Triton interpreter: {interpreter_problem()}", allow_module_level=True)
+from proxykd_fast.losses._epilogue_torch import torch_epilogue
+from proxykd_fast.losses._epilogue_triton import triton_epilogue
+from proxykd_fast.losses._validation import KDOptions
 
 C, V, K = 9, 509, 6
 
