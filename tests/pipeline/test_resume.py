@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import tiny_model, write_data  # the sibling test module's helpers
 
 from proxykd_fast.pipeline import (
     AlignProxyConfig,
@@ -25,8 +24,9 @@ from proxykd_fast.pipeline import (
     precompute,
 )
 from proxykd_fast.pipeline.metrics import read_metrics
+from tests.support.pipeline_data import tiny_model, write_data
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from proxykd_fast.teacher.tiny import tiny_teacher
 
 pytestmark = pytest.mark.timeout(180)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N_PROMPTS = 48
 CONCURRENCY = 4
 

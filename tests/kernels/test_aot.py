@@ -17,11 +17,11 @@ image runs 3.6, CI 3.7.1), whose codegen moves register counts by tens (sm_90 bf
 registers or, as ptxas greedily fills the register file (linear_grad[bf16] takes 255 but needs
 <= 200), must still compile spill-free when capped at MAX_REGS (maxnreg): >= 31 registers spare.
 
-In-place races: every kernel's TTGIR goes through test_triton_hazards.in_place_hazards (global
+In-place races: every kernel's TTGIR goes through tests/support/triton_ir.in_place_hazards (global
 reads and writes of one buffer by different lanes with no barrier between them); a canary with
 kd_epilogue's old label-logit race shows the check catches it.
 
-Run by hand for the figures: python tests/test_triton_aot.py 90 (put another triton first on
+Run by hand for the figures: python -m tests.kernels.test_aot 90 (put another triton first on
 PYTHONPATH, e.g. a `pip install --target` of triton==3.6.0, to check that version the same way).
 """
 
@@ -45,7 +45,7 @@ MAX_REGS = 224
 # like every pointer from torch: the same `tt.divisibility` hints let loads vectorize and pipeline.
 ALIGNED_INTS = {"stride_x", "stride_w", "stride_s", "stride_p", "H", "V", "N", "cols_per_split"}
 MAX_SHARED = {90: 232448, 80: 166912}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _specs() -> list[tuple[str, object, dict, dict, dict]]:
@@ -55,7 +55,6 @@ def _specs() -> list[tuple[str, object, dict, dict, dict]]:
     from proxykd_fast.kernels.linear_grad import linear_grad_kernel
     from proxykd_fast.kernels.linear_lse import linear_lse_kernel
     from proxykd_fast.kernels.linear_topk import linear_topk_kernel
-
     from proxykd_fast.losses._backend_triton_fused import _GPU_CONFIGS
     from proxykd_fast.losses._epilogue_triton import epilogue_block
 
@@ -111,7 +110,7 @@ def _specs() -> list[tuple[str, object, dict, dict, dict]]:
 
 def _canary_specs() -> list[tuple[str, object, dict, dict, dict]]:
     """The label-logit race in miniature, unfenced (must be flagged) and fenced (must not)."""
-    from test_triton_hazards import label_race_canary
+    from tests.support.triton_ir import label_race_canary
 
     sig = {"S": "*fp32", "y_ptr": "*i64", "out": "*fp32", "V": "i32", "BLOCK": "constexpr", "BARRIER": "constexpr"}
     return [(f"canary[{name}]", label_race_canary, sig, {"BLOCK": 1024, "BARRIER": fenced}, {"num_warps": 4})
@@ -142,9 +141,10 @@ def _resources(cuobjdump: str, cubin: bytes) -> dict:
 def compile_all(arch: int) -> list[dict]:
     """Compile every spec for sm_<arch>; one record per kernel (error text on failure)."""
     import triton
-    from test_triton_hazards import in_place_hazards
     from triton.backends.compiler import GPUTarget
     from triton.knobs import nvidia
+
+    from tests.support.triton_ir import in_place_hazards
 
     def build(kernel: object, signature: dict, constexprs: dict, options: dict) -> object:
         src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
@@ -174,7 +174,7 @@ def _compile_in_subprocesses(archs: tuple[int, ...]) -> dict[int, list[dict]]:
     """Compile for each arch in its own fresh interpreter (concurrently), without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = env.get("PROXYKD_AOT_CACHE", str(Path(tempfile.gettempdir()) / "proxykd_aot_cache"))
-    procs = {arch: subprocess.Popen([sys.executable, __file__, str(arch)], cwd=ROOT, env=env, text=True,
+    procs = {arch: subprocess.Popen([sys.executable, "-m", "tests.kernels.test_aot", str(arch)], cwd=ROOT, env=env, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for arch in archs}
     results = {}
     for arch, proc in procs.items():

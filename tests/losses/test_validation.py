@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _loss_cases import make_problem
 
 from proxykd_fast.losses import (
     LinearCrossEntropyLoss,
@@ -15,6 +14,7 @@ from proxykd_fast.losses import (
     linear_topk,
     proxy_kd_loss,
 )
+from tests.support.loss_cases import make_problem
 
 P = make_problem(n=8, hs=6, hp=5, v=13, seed=0, k=3, dtype=torch.float32)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_NVCC = shutil.which("nvcc") is not None and shutil.which("cmake") is not None
 
 
@@ -63,9 +63,8 @@ def test_backend_reports_why_it_is_unavailable() -> None:
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("online", [True, False])
 def test_cuda_backend_matches_torch_backend(temperature: float, online: bool) -> None:
-    from _loss_cases import make_problem, max_rel_err, run_kd
-
     from proxykd_fast.losses import available_backends
+    from tests.support.loss_cases import make_problem, max_rel_err, run_kd
 
     if "cuda" not in available_backends("cuda"):
         pytest.skip("extension not built")

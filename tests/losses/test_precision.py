@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _loss_cases import make_problem, run_ce, run_kd
 
 from proxykd_fast.losses import linear_cross_entropy, proxy_kd_loss
+from tests.support.loss_cases import make_problem, run_ce, run_kd
 
 NAMES = ("loss", "d_hidden", "d_weight", "d_bias")
 

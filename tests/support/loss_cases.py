@@ -102,3 +102,12 @@ def max_rel_err(a: Tensor | None, b: Tensor | None) -> float:
         return 0.0
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+TOL = 1e-9  # fp64 agreement of two exact implementations
+
+
+def assert_same(a: tuple, b: tuple, tol: float = TOL) -> None:
+    """Loss and every gradient agree to a relative tolerance."""
+    for name, x, y in zip(("loss", "d_hidden", "d_weight", "d_bias"), a, b):
+        assert max_rel_err(x, y) < tol, f"{name}: rel err {max_rel_err(x, y):.3e}"

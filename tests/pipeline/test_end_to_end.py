@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from proxykd_fast.demo.world import MarkovWorld, build_llama, build_tokenizer, save, words_to_text
+from proxykd_fast.demo.world import build_llama, build_tokenizer
 from proxykd_fast.pipeline import (
     AlignProxyConfig,
     DistillConfig,
@@ -24,23 +24,7 @@ from proxykd_fast.pipeline import (
 )
 from proxykd_fast.pipeline.data import load_records, sft_batch, tokenize_records
 from proxykd_fast.pipeline.targets import load_targets
-
-N_WORDS = 40
-
-
-def write_data(path: Path, n: int, seed: int) -> Path:
-    """Prompt/completion records from a small Markov world."""
-    seqs = MarkovWorld.make(N_WORDS, 4, 0.5, 0).sample(n, 10, seed)
-    path.write_text("".join(json.dumps({"prompt": words_to_text(s[:4]), "completion": words_to_text(s[4:]),
-                                        "finish_reason": "length"}) + "\n" for s in seqs))
-    return path
-
-
-def tiny_model(path: Path, seed: int, hidden: int = 16, n_words: int = N_WORDS) -> Path:
-    """A 1-layer Llama with the word-level tokenizer, saved for from_pretrained."""
-    tok = build_tokenizer(n_words)
-    save(build_llama(len(tok), hidden, 1, 32, 2, seed), tok, path)
-    return path
+from tests.support.pipeline_data import N_WORDS, tiny_model, write_data
 
 
 @pytest.fixture(scope="module")

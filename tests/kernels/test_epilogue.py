@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_env import DEVICE
 
 from proxykd_fast.losses._epilogue_torch import torch_epilogue
 from proxykd_fast.losses._epilogue_triton import triton_epilogue
 from proxykd_fast.losses._validation import KDOptions
+from tests.support.triton_env import DEVICE
 
 C, V, K = 9, 509, 6
 

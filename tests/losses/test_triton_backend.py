@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_env import DEVICE
 
 import proxykd_fast.losses as L
 from proxykd_fast.losses import _backend_triton_fused as fused
+from tests.support.triton_env import DEVICE
 
 N, H, HP, V, K = 37, 23, 31, 509, 6
 STRATEGIES = ["triton-chunked", "triton-fused"]

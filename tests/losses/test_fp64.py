@@ -6,17 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _loss_cases import make_problem, max_rel_err, run_ce, run_kd
 
 from proxykd_fast.losses import linear_cross_entropy, linear_log_probs, linear_topk, proxy_kd_loss
-
-TOL = 1e-9
-
-
-def assert_same(a: tuple, b: tuple, tol: float = TOL) -> None:
-    """Loss and every gradient agree to a relative tolerance."""
-    for name, x, y in zip(("loss", "d_hidden", "d_weight", "d_bias"), a, b):
-        assert max_rel_err(x, y) < tol, f"{name}: rel err {max_rel_err(x, y):.3e}"
+from tests.support.loss_cases import assert_same, make_problem, run_ce, run_kd
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _loss_cases import max_rel_err
 from torch import Tensor
 
 from proxykd_fast.losses import available_backends, dpo_loss, sequence_log_probs
 from proxykd_fast.losses.dpo import _plan
+from tests.support.loss_cases import max_rel_err
 
 LOSS_TYPES = ["sigmoid", "ipo", "hinge", "robust", "apo_zero"]
 METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",

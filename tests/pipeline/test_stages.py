@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from test_pipeline import tiny_model, write_data  # the sibling test module's helpers
 
 from proxykd_fast.pipeline import DistillConfig, PipelineError, PrecomputeConfig, distill, precompute, sigmoid_weights
 from proxykd_fast.pipeline.data import iter_records, load_records, pad_batch, tokenize_records
 from proxykd_fast.pipeline.metrics import read_metrics
 from proxykd_fast.pipeline.modeling import HiddenAndHead, load_model, load_tokenizer
+from tests.support.pipeline_data import tiny_model, write_data
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_env import DEVICE
 
 from proxykd_fast.losses import _backend_triton_fused as fused
+from tests.support.triton_env import DEVICE
 
 N, V = 37, 509
 HIDDEN = [23, 32]

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _loss_cases import make_problem, run_ce, run_kd
-from test_losses_fp64 import assert_same
 
 from proxykd_fast.losses import dpo_loss, linear_log_probs
+from tests.support.loss_cases import assert_same, make_problem, run_ce, run_kd
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
