@@ -26,7 +26,7 @@ from .data import (
 from .distributed import shard_map
 from .evaluate import heldout_nll
 from .modeling import HiddenAndHead, apply_lora, check_model_matches_tokenizer, load_model, load_tokenizer, save_model
-from .runinfo import clear_outputs, run_options, start_run
+from .runinfo import clear_outputs, path_options, run_identity, start_run
 from .trainer import make_accelerator, total_steps, train
 
 RUN_INFO = "align_run.json"
@@ -209,7 +209,8 @@ def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any
         clear_outputs([out / "sft", *(p for p in out.glob("round-*") if p.is_dir()), out / "align_summary.json",
                        out / RUN_INFO], acc.is_main_process)
     acc.wait_for_everyone()
-    start_run(out / RUN_INFO, run_options(cfg.to_dict()), cfg.resume, acc.is_main_process, "align-proxy")
+    start_run(out / RUN_INFO, run_identity(cfg), cfg.resume, acc.is_main_process, "align-proxy",
+              paths=path_options(cfg))
     if acc.is_main_process:
         cfg.save(out / "align_config.yaml")
     pad = tok.pad_token_id
@@ -273,7 +274,7 @@ def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any
         round_cfg = dataclasses.replace(cfg, learning_rate=cfg.round_learning_rate or cfg.learning_rate)
         res = train(round_cfg, model, n_train=len(pairs), make_batch=make_batch, count_items=dpo_count_fn(cfg),
                     loss_fn=dpo_loss_fn(cfg), out_dir=rdir, steps=steps, eval_fn=eval_fn if held else None,
-                    accelerator=acc, desc=f"proxy-dpo-{r}")
+                    accelerator=acc, desc=f"proxy-dpo-{r}", allow_fresh=True)
         if not res.finished:
             return {"finished": False, "phase": f"round-{r}", "steps": res.steps}
         value = eval_fn(model) if held else None

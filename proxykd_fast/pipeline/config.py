@@ -196,7 +196,7 @@ class TrainConfig(StageConfig):
         "help": "peft LoraConfig keyword arguments, e.g. '{\"r\": 16, \"lora_alpha\": 32}'; target_modules "
                 "defaults to all-linear and task_type to CAUSAL_LM; adapters on lm_head are refused (the fused "
                 "losses read the head weight); merged into the saved model; unset: full fine-tuning"})
-    eval_data: str | None = field(default=None, metadata={
+    eval_data: str | None = field(default=None, metadata={"path": True,
         "help": "held-out teacher records (formats as --data) scored by per-token NLL; align-proxy also scores "
                 "them before and after each phase, to revert a round that made them worse"})
     eval_every: int = field(default=0, metadata={
@@ -209,11 +209,15 @@ class TrainConfig(StageConfig):
         "help": "stop after N evaluations in a row without a new best held-out NLL; the best weights are "
                 "restored at the end; 0: off"})
     save_every: int = field(default=0, metadata={
-        "help": "checkpoint every N optimizer steps into the run's checkpoints/ dir (only the latest is kept; "
-                "--resume continues from it); 0: no checkpoints"})
+        "help": "checkpoint every N optimizer steps into the run's checkpoints/ dir (--resume continues from the "
+                "newest intact one); 0: no checkpoints"})
+    save_total_limit: int | None = field(default=2, metadata={
+        "help": "checkpoints kept (the newest N; a broken newest one is skipped on --resume for the next); "
+                "null: all"})
     resume: bool = field(default=False, metadata={
-        "help": "continue from the latest checkpoint (the stored run config must match); without it the "
-                "stage's checkpoints, phase markers and metrics in output_dir are cleared first"})
+        "help": "continue from the newest intact checkpoint (the stored run options must match); refused when "
+                "there is nothing to continue (no run recorded, or no intact checkpoint of its current phase); "
+                "without it the stage's checkpoints, phase markers and metrics in output_dir are cleared first"})
     max_steps_this_run: int = field(default=0, metadata={
         "help": "stop after N optimizer steps in this invocation (exit code 3, unfinished; continue with "
                 "--resume from the last --save-every checkpoint); 0: no limit"})
@@ -235,6 +239,7 @@ class TrainConfig(StageConfig):
                      "max_steps_this_run"):
             check_range(name, getattr(self, name), 0)
         check_range("grad_accum", self.grad_accum, 1)
+        check_range("save_total_limit", self.save_total_limit, 1)
         check_range("eval_batch_size", self.eval_batch_size, 1)
         check_range("log_every", self.log_every, 1)
         check_range("num_epochs", self.num_epochs, 0, low_open=True)
@@ -247,10 +252,10 @@ class TrainConfig(StageConfig):
 class AlignProxyConfig(TrainConfig):
     """Proxy alignment: SFT warm-up on teacher data, then K rounds of NLL + DPO(teacher vs proxy sample)."""
 
-    proxy: str = field(default="", metadata={
+    proxy: str = field(default="", metadata={"path": True,
         "help": "white-box proxy model to align, a Hugging Face id or local dir; its tokenizer reads --data "
                 "(required)"})
-    data: str = field(default="", metadata={"help": DATA_HELP + " (required)"})
+    data: str = field(default="", metadata={"path": True, "help": DATA_HELP + " (required)"})
     warmup_split: str = field(default="0:0.1", metadata={"help": "slice of --data for the SFT warm-up (paper: 10%%)"})
     align_split: str = field(default="0.1:0.55", metadata={"help": "slice of --data for the DPO rounds (paper: 45%%)"})
     warmup_steps_sft: int = field(default=0, metadata={
@@ -318,12 +323,12 @@ class AlignProxyConfig(TrainConfig):
 class PrecomputeConfig(StageConfig):
     """Offline proxy targets: per-token top-k log-probs and per-sample log-likelihoods and weights."""
 
-    proxy: str = field(default="", metadata={
+    proxy: str = field(default="", metadata={"path": True,
         "help": "aligned proxy model, e.g. align-proxy's output_dir, or a Hugging Face id (required)"})
-    data: str = field(default="", metadata={"help": DATA_HELP + " (required)"})
+    data: str = field(default="", metadata={"path": True, "help": DATA_HELP + " (required)"})
     output_dir: str = field(default="proxykd_targets", metadata={
         "help": "directory of the target shards, weights.parquet and manifest.json (distill --targets)"})
-    tokenizer: str | None = field(default=None, metadata={
+    tokenizer: str | None = field(default=None, metadata={"path": True,
         "help": "tokenizer of the records (the student's); must have the proxy's exact vocabulary; unset: "
                 "the proxy's"})
     top_k: int = field(default=10, metadata={
@@ -361,15 +366,15 @@ class PrecomputeConfig(StageConfig):
 class DistillConfig(TrainConfig):
     """Student distillation: NLL + alpha * w * KL(proxy || student) on offline targets or an online proxy."""
 
-    student: str = field(default="", metadata={
+    student: str = field(default="", metadata={"path": True,
         "help": "student model to train, a Hugging Face id or local dir; its tokenizer reads the data "
                 "(required)"})
-    targets: str | None = field(default=None, metadata={
+    targets: str | None = field(default=None, metadata={"path": True,
         "help": "precompute output dir: offline top-k targets and weights (ignored when --proxy is given)"})
-    proxy: str | None = field(default=None, metadata={
+    proxy: str | None = field(default=None, metadata={"path": True,
         "help": "online proxy model, run without grad on every batch: its full distribution (needed by "
                 "reverse_kl and jsd); takes precedence over --targets"})
-    data: str | None = field(default=None, metadata={
+    data: str | None = field(default=None, metadata={"path": True,
         "help": DATA_HELP + "; read with an online --proxy or --alpha 0 (offline targets carry their tokens)"})
     split: str = field(default="0.55:1", metadata={"help": STUDENT_SPLIT_HELP + " (online proxy / --alpha 0 only: "
                                                            "offline targets were split by precompute)"})
@@ -410,12 +415,12 @@ class DistillConfig(TrainConfig):
 class EvalConfig(StageConfig):
     """Evaluation: held-out NLL of teacher answers, KL to a reference model, generation samples."""
 
-    model: str = field(default="", metadata={
+    model: str = field(default="", metadata={"path": True,
         "help": "model to evaluate, a Hugging Face id or local dir (required)"})
-    data: str = field(default="", metadata={"help": DATA_HELP + " (required)"})
+    data: str = field(default="", metadata={"path": True, "help": DATA_HELP + " (required)"})
     output: str | None = field(default=None, metadata={
         "help": "also write the result JSON to this file (it is always printed)"})
-    reference: str | None = field(default=None, metadata={
+    reference: str | None = field(default=None, metadata={"path": True,
         "help": "reference model with the same vocabulary: report per-token KL(reference || model) and NLL; "
                 "unset: NLL only"})
     batch_size: int = field(default=32, metadata={"help": "examples per forward pass"})

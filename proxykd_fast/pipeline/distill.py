@@ -26,7 +26,7 @@ from .modeling import (
     save_model,
     vocab_size,
 )
-from .runinfo import clear_outputs, run_options, start_run
+from .runinfo import clear_outputs, path_options, run_identity, start_run
 from .targets import TargetRow, load_targets, sigmoid_weights, vocab_fingerprint
 from .trainer import make_accelerator, total_steps, train
 
@@ -183,7 +183,8 @@ def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:  # checkpoints and metrics are cleared by the trainer
         clear_outputs([out / "distill_summary.json"], acc.is_main_process)
-    start_run(out / RUN_INFO, run_options(cfg.to_dict()), cfg.resume, acc.is_main_process, "distill")
+    start_run(out / RUN_INFO, run_identity(cfg), cfg.resume, acc.is_main_process, "distill",
+              paths=path_options(cfg))
     if acc.is_main_process:
         cfg.save(out / "distill_config.yaml")
     if proxy is not None and cfg.alpha != 0 and cfg.use_weights and cfg.weight_stats == "dataset":

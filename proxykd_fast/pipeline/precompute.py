@@ -24,7 +24,7 @@ from proxykd_fast.losses import linear_topk, sequence_log_probs
 from .config import PrecomputeConfig, parse_split
 from .data import Example, count_records, iter_chunks, iter_records, sft_batch, tokenize_records
 from .modeling import HiddenAndHead, check_model_matches_tokenizer, check_same_vocab, load_model, load_tokenizer
-from .runinfo import clear_outputs, start_run
+from .runinfo import clear_outputs, path_options, run_identity, start_run
 from .targets import (
     MANIFEST,
     WEIGHTS,
@@ -87,7 +87,7 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         clear_outputs(_stage_files(out), True)
-    start_run(out / RUN_INFO, {k: getattr(cfg, k) for k in RUN_KEYS}, cfg.resume, True, "precompute")
+    start_run(out / RUN_INFO, run_identity(cfg, RUN_KEYS), cfg.resume, True, "precompute", paths=path_options(cfg))
     (out / MANIFEST).unlink(missing_ok=True)  # the manifest marks a complete run: rewritten at the end
     n = hi - lo
     n_shards = (n + cfg.shard_size - 1) // cfg.shard_size

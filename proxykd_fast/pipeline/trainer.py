@@ -6,6 +6,7 @@ import copy
 import math
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import apply_checkpoint, list_checkpoints, newest_intact_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import batch_indices
 from .metrics import MetricsLogger
-from .modeling import HiddenAndHead
+from .modeling import HiddenAndHead, PipelineError
 
 # A loss is one summed term normalised by one global item count, or several named parts each
 # normalised by its own count: count_items(batch) -> int | {part: int} and
@@ -46,6 +47,12 @@ def make_accelerator() -> Any:
     from accelerate import Accelerator
 
     return Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+
+
+def notice(acc: Any, message: str) -> None:
+    """A line for the user on stderr (main process only): resumes, fallbacks, fresh starts."""
+    if acc is None or acc.is_main_process:
+        print(message, file=sys.stderr, flush=True)
 
 
 def peak_memory_mb() -> float:
@@ -78,11 +85,14 @@ def train(
     eval_fn: Callable[[nn.Module], float] | None = None,
     accelerator: Any = None,
     desc: str = "train",
+    allow_fresh: bool = False,
 ) -> TrainResult:
     """Train `model` in place for `steps` optimizer steps; resumable from `out_dir/checkpoints`.
 
     Without `cfg.resume` the checkpoints left in `out_dir` by an earlier run are deleted first, so a
-    later `--resume` can never continue a stale run.
+    later `--resume` can never continue a stale run. With it, the newest intact checkpoint is restored
+    (broken ones are reported and skipped); when there is none the run is refused, unless
+    `allow_fresh` (the stage knows that starting this phase at step 0 loses nothing), which says so.
     """
     acc = accelerator or make_accelerator()
     out_dir = Path(out_dir)
@@ -105,10 +115,21 @@ def train(
     best_weights: dict[str, Tensor] | None = None
     step = 0
     resume_step = None
-    if cfg.resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
-        state, best_weights = load_checkpoint(ckpt, model, optimizer, scheduler)
-        step = resume_step = int(state["step"])
-        acc.print(f"[{desc}] resumed from {ckpt} at step {step}")
+    if cfg.resume:
+        ckpt = newest_intact_checkpoint(ckpt_root, report=lambda msg: notice(acc, f"[{desc}] {msg}"))
+        if ckpt is not None:
+            state, best_weights = apply_checkpoint(ckpt, model, optimizer, scheduler)
+            step = resume_step = int(state["step"])
+            notice(acc, f"[{desc}] resumed from {ckpt.path} at step {step}")
+        elif allow_fresh:
+            notice(acc, f"[{desc}] --resume: no checkpoint of this phase in {ckpt_root}: it starts at step 0")
+        else:
+            broken = len(list_checkpoints(ckpt_root))
+            found = f"{broken} checkpoint(s) there, none intact" if broken else "none there"
+            raise PipelineError(
+                f"[{desc}] --resume: no intact checkpoint to continue from in {ckpt_root} ({found}): the interrupted "
+                "run saved none (--save-every 0, or it stopped before its first save); run without --resume to "
+                "start again from step 0")
     logger = MetricsLogger(out_dir / "metrics.jsonl", cfg.report_to, acc.is_main_process, resume_step,
                            run_config=cfg.to_dict(), run_name=desc)
     micro = cfg.batch_size
@@ -160,7 +181,8 @@ def train(
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             history.append(row)
             if cfg.save_every and (step % cfg.save_every == 0) and acc.is_main_process:
-                save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, best_weights)
+                save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, best_weights,
+                                keep=cfg.save_total_limit)
             if cfg.save_every:
                 acc.wait_for_everyone()
     finally:

@@ -57,7 +57,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(files: dict[str, Path]
     proc = subprocess.Popen(argv + ["--output-dir", str(out)], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list((out / "checkpoints").glob("step-*/complete")):
+    while not list((out / "checkpoints").glob("step-*/manifest.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
         time.sleep(0.005)
     time.sleep(0.05)  # let it run past the checkpoint, so the kill lands mid-run
