@@ -1,4 +1,8 @@
-"""The `proxykd` console script: teacher collection/serving and the Proxy-KD pipeline stages."""
+"""The `proxykd` console script: teacher collection/serving and the Proxy-KD pipeline stages.
+
+Every pipeline stage is parsed the same way (`proxykd_fast.argparsing.ConfigParser`, TRL's parser
+over the stage's config dataclass): flags, `--config file.yaml`, aliases and "did you mean".
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,22 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from .pipeline.config import AlignProxyConfig, DistillConfig, EvalConfig, PrecomputeConfig, StageConfig
+from .argparsing import ConfigParser
+from .pipeline.config import AlignProxyConfig, DistillConfig, EvalConfig, PrecomputeConfig
+
+EXIT_UNFINISHED = 3
 
 
-def _stage(sub: Any, name: str, cls: type[StageConfig], run: Callable[[Any], Any], helptext: str) -> None:
-    """Register one pipeline stage whose flags mirror its config dataclass."""
-    p = sub.add_parser(name, help=helptext, description=helptext)
-    cls.add_arguments(p)
-    if cls is DistillConfig:
-        p.add_argument("--no-weights", dest="use_weights", action="store_false",
-                       help="ablation: drop the per-sample weights w (same as --no-use-weights)")
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline subcommand: its config class, the function it runs, its one-line help."""
 
-    def handler(args: argparse.Namespace) -> int:
-        result = run(cls.from_args(args))
-        print(json.dumps(result, indent=2, default=str))
-        return 0 if not isinstance(result, dict) or result.get("finished", True) else 3
-
-    p.set_defaults(func=handler)
+    config: type
+    run: Callable[[Any], Any]
+    help: str
 
 
 def _align(cfg: AlignProxyConfig) -> Any:
@@ -51,10 +52,23 @@ def _eval(cfg: EvalConfig) -> Any:
     return evaluate(cfg)
 
 
+STAGES = {
+    "align-proxy": Stage(AlignProxyConfig, _align, "SFT warm-up + NLL/DPO rounds to align the proxy"),
+    "precompute": Stage(PrecomputeConfig, _precompute, "store the proxy's top-k targets and sample weights"),
+    "distill": Stage(DistillConfig, _distill, "train the student: NLL + alpha * w * KL(proxy || student)"),
+    "eval": Stage(EvalConfig, _eval, "held-out NLL, KL to a reference model, generation samples"),
+}
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Any:
+    """The subcommand action of the `proxykd` parser."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The full `proxykd` parser."""
+    """The full `proxykd` parser: one ConfigParser per subcommand."""
     parser = argparse.ArgumentParser(prog="proxykd", description="Distill black-box LLMs through a white-box proxy")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ConfigParser)
     try:
         from .teacher.cli import add_collect_parser, add_serve_parser
 
@@ -62,19 +76,36 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_parser(sub)
     except ImportError:  # pragma: no cover - the teacher package is optional here
         pass
-    _stage(sub, "align-proxy", AlignProxyConfig, _align, "SFT warm-up + NLL/DPO rounds to align the proxy")
-    _stage(sub, "precompute", PrecomputeConfig, _precompute, "store the proxy's top-k targets and sample weights")
-    _stage(sub, "distill", DistillConfig, _distill, "train the student: NLL + alpha * w * KL(proxy || student)")
-    _stage(sub, "eval", EvalConfig, _eval, "held-out NLL, KL to a reference model, generation samples")
+    for name, stage in STAGES.items():
+        sub.add_parser(name, config_class=stage.config, help=stage.help, description=stage.help)
     return parser
+
+
+def parse_command(argv: list[str], parser: argparse.ArgumentParser | None = None) -> tuple[str, Any]:
+    """(subcommand, its config) for a pipeline stage's command line, e.g. ["distill", "--config", "d.yaml"]."""
+    parser = parser or build_parser()
+    if not argv or argv[0] not in STAGES:
+        raise ValueError(f"expected a pipeline stage ({', '.join(STAGES)}), got {argv[:1]}")
+    return argv[0], _subparsers(parser).choices[argv[0]].parse(argv[1:])
+
+
+def _run_stage(name: str, cfg: Any) -> int:
+    """Run one stage, print its result as JSON; exit code 3 when it stopped unfinished."""
+    result = STAGES[name].run(cfg)
+    print(json.dumps(result, indent=2, default=str))
+    return 0 if not isinstance(result, dict) or result.get("finished", True) else EXIT_UNFINISHED
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `proxykd` console script."""
     from .pipeline.modeling import PipelineError
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
+        if argv and argv[0] in STAGES:
+            return _run_stage(*parse_command(argv, parser))
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except (PipelineError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,5 +1,9 @@
 """TRL record formats to token ids: chat templates for conversational data, plain text otherwise.
 
+The formats: prompt/completion, messages, language modeling (`text`: every token after the first is
+trained), prompt/chosen/rejected, and implicit-prompt preference (chosen/rejected only: the prompt
+is their shared prefix, split off by TRL's `maybe_extract_prompt`).
+
 A record is conversational when its prompt is a list of messages, when it is a `messages` record,
 or when its completion / chosen / rejected is a list of messages (the teacher collector's chat
 mode writes `completion: [{"role": "assistant", ...}]`; a plain-string prompt next to such a
@@ -45,15 +49,27 @@ def _answer_text(answer: Any) -> str:
     return message_text(answer)
 
 
-def split_record(rec: dict[str, Any]) -> tuple[str | list[dict[str, str]], str, str | None]:
-    """(prompt, chosen answer text, rejected text or None); the prompt is a message list for chat data."""
+def split_record(rec: dict[str, Any]) -> tuple[str | list[dict[str, str]] | None, str, str | None]:
+    """(prompt, chosen answer text, rejected text or None); the prompt is a message list for chat data, None
+    for a language-modeling (`text`) record."""
     if "messages" in rec and "prompt" not in rec:
         msgs = _messages(list(rec["messages"]), "messages")
         if msgs[-1]["role"] != "assistant":
             raise ValueError("a messages record must end with an assistant turn")
         return msgs[:-1], msgs[-1]["content"], None
+    if "text" in rec and "prompt" not in rec and "chosen" not in rec:
+        if not isinstance(rec["text"], str) or not rec["text"]:
+            raise ValueError(f"a language-modeling record needs a non-empty 'text' string, got {rec['text']!r:.80}")
+        return None, rec["text"], None
+    if "prompt" not in rec and "chosen" in rec and "rejected" in rec:
+        from trl.data_utils import maybe_extract_prompt  # imported lazily: trl is heavy
+
+        rec = {**rec, **maybe_extract_prompt({"chosen": rec["chosen"], "rejected": rec["rejected"]})}
+        if not rec["prompt"]:
+            raise ValueError("an implicit-prompt preference record's chosen and rejected share no prefix to use as "
+                             "the prompt")
     if "prompt" not in rec:
-        raise ValueError(f"record has neither prompt nor messages: keys {sorted(rec)}")
+        raise ValueError(f"record has neither prompt, messages, text nor chosen/rejected: keys {sorted(rec)}")
     answer = rec.get("completion", rec.get("chosen"))
     if answer is None:
         raise ValueError("record has a prompt but no completion/chosen")

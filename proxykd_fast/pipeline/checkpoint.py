@@ -105,6 +105,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_verified_dir(final: Path, tensors: dict[str, Any], jsons: dict[str, Any], step: int | None = None) -> Path:
+    """Write `final` atomically: torch files (tensors and plain containers only) and JSON files in a temp dir,
+    each fsynced, then `manifest.json` with every file's size and SHA-256, then one rename into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(".tmp-" + final.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, obj in tensors.items():
+        _write_synced(tmp / name, lambda fh, obj=obj: torch.save(obj, fh))
+    for name, obj in jsons.items():
+        data = json.dumps(obj).encode("utf-8")
+        _write_synced(tmp / name, lambda fh, data=data: fh.write(data))
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    manifest = json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1).encode("utf-8")
+    _write_synced(tmp / MANIFEST, lambda fh: fh.write(manifest))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    return final
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -115,30 +136,16 @@ def save_checkpoint(
     best_state: dict[str, torch.Tensor] | None = None,
     keep: int | None = 2,
 ) -> Path:
-    """Write checkpoint `step-N` (temp dir, manifest last, then rename) and delete all but the newest `keep`.
+    """Write checkpoint `step-N` (see `write_verified_dir`) and delete all but the newest `keep`.
 
     `keep` None keeps every checkpoint (HF Trainer's `save_total_limit=None`).
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    payload: dict[str, Any] = {"model.pt": model.state_dict(), "optimizer.pt": optimizer.state_dict(),
+    tensors: dict[str, Any] = {"model.pt": model.state_dict(), "optimizer.pt": optimizer.state_dict(),
                                "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state()}
     if best_state is not None:
-        payload[BEST_FILE] = best_state
-    for name, obj in payload.items():
-        _write_synced(tmp / name, lambda fh, obj=obj: torch.save(obj, fh))
-    state_bytes = json.dumps({**trainer_state, "step": step}).encode("utf-8")
-    _write_synced(tmp / STATE_FILE, lambda fh: fh.write(state_bytes))
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-    manifest = json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1).encode("utf-8")
-    _write_synced(tmp / MANIFEST, lambda fh: fh.write(manifest))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    _fsync_dir(root)
+        tensors[BEST_FILE] = best_state
+    final = write_verified_dir(root / f"step-{step}", tensors, {STATE_FILE: {**trainer_state, "step": step}}, step)
     if keep is not None and keep > 0:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -169,7 +176,7 @@ class LoadedCheckpoint:
     trainer_state: dict[str, Any]
 
 
-def _verify(path: Path) -> dict[str, Any]:
+def _verify(path: Path, required: tuple[str, ...] = (*TENSOR_FILES, STATE_FILE)) -> dict[str, Any]:
     """The manifest of `path` after checking every file's size and SHA-256 (CheckpointError otherwise)."""
     mpath = path / MANIFEST
     if not mpath.is_file():
@@ -182,7 +189,7 @@ def _verify(path: Path) -> dict[str, Any]:
             raise TypeError("files is not a mapping")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise CheckpointError(mpath, f"unreadable manifest ({exc})") from None
-    for name in (*TENSOR_FILES, STATE_FILE):
+    for name in required:
         if name not in files:
             raise CheckpointError(path / name, "not listed in the manifest")
     for name, meta in files.items():
@@ -200,18 +207,19 @@ def _verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Verify and load one checkpoint (every torch file with weights_only=True), applying nothing.
+def read_verified_dir(path: str | Path, tensor_files: tuple[str, ...], json_files: tuple[str, ...],
+                      optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Verify a directory written by `write_verified_dir` and load its files (torch ones with weights_only=True).
 
     Raises CheckpointError for a missing, truncated or altered file, and UnsafeCheckpointError when a
     file the manifest vouches for holds anything but tensors and plain containers.
     """
     path = Path(path)
-    manifest = _verify(path)
-    tensors: dict[str, Any] = {}
-    for name in [*TENSOR_FILES, *([BEST_FILE] if BEST_FILE in manifest["files"] else [])]:
+    manifest = _verify(path, (*tensor_files, *json_files))
+    loaded: dict[str, Any] = {}
+    for name in [*tensor_files, *(n for n in optional if n in manifest["files"])]:
         try:
-            tensors[name] = torch.load(path / name, map_location="cpu", weights_only=True)
+            loaded[name] = torch.load(path / name, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise UnsafeCheckpointError(
                 f"refusing to load {path / name}: it holds pickled Python objects that weights_only=True does not "
@@ -219,12 +227,24 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
                 "Delete this checkpoint (or run without --resume)") from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise CheckpointError(path / name, f"cannot be loaded ({str(exc).splitlines()[0]})") from None
+    for name in json_files:
+        try:
+            loaded[name] = json.loads((path / name).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(path / name, f"unreadable JSON ({exc})") from None
+    return loaded
+
+
+def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Verify and load one checkpoint (every torch file with weights_only=True), applying nothing."""
+    path = Path(path)
+    loaded = read_verified_dir(path, TENSOR_FILES, (STATE_FILE,), optional=(BEST_FILE,))
+    state = loaded.pop(STATE_FILE)
     try:
-        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         int(state["step"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(path / STATE_FILE, f"unreadable trainer state ({exc})") from None
-    return LoadedCheckpoint(path, tensors, state)
+    return LoadedCheckpoint(path, loaded, state)
 
 
 def newest_intact_checkpoint(root: str | Path, report: Callable[[str], None] | None = None) -> LoadedCheckpoint | None:
@@ -271,3 +291,28 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         except CheckpointError:
             continue
     return None
+
+
+PHASE_DIR, PHASE_MODEL, PHASE_INFO = "final", "model.pt", "phase.json"
+
+
+def finish_phase(phase_dir: str | Path, model: nn.Module, info: dict[str, Any]) -> None:
+    """Mark a finished training phase: its final weights and summary, as one verified directory `final/`."""
+    write_verified_dir(Path(phase_dir) / PHASE_DIR, {PHASE_MODEL: model.state_dict()}, {PHASE_INFO: info})
+
+
+def finished_phase(phase_dir: str | Path, report: Callable[[str], None] | None = None,
+                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """(summary, final weights) of a finished phase, or None when it is not finished (or its marker is broken,
+    which is reported: the phase then resumes from its checkpoints)."""
+    path = Path(phase_dir) / PHASE_DIR
+    if not path.exists():
+        return None
+    try:
+        loaded = read_verified_dir(path, (PHASE_MODEL,), (PHASE_INFO,))
+    except CheckpointError as exc:
+        (report or (lambda msg: print(msg, file=sys.stderr)))(
+            f"WARNING: the finished-phase marker {path} is broken: {exc.path.name}: {exc.reason}; the phase is redone "
+            "from its checkpoints")
+        return None
+    return loaded[PHASE_INFO], loaded[PHASE_MODEL]

@@ -8,7 +8,6 @@ that name local files are compared as resolved absolute paths.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -19,8 +18,8 @@ from typing import Any
 from .modeling import PipelineError
 
 # Options that may change between an interrupted run and its resume without changing the result.
-VOLATILE_OPTIONS = ("resume", "max_steps_this_run", "progress", "report_to", "log_every", "output_dir",
-                    "save_total_limit")
+VOLATILE_OPTIONS = ("resume", "resume_from_checkpoint", "max_steps_this_run", "progress", "report_to",
+                    "logging_steps", "log_every", "output_dir", "save_total_limit")
 
 
 def canonical_path(value: Any) -> Any:
@@ -32,8 +31,8 @@ def canonical_path(value: Any) -> Any:
 
 
 def path_options(cfg: Any) -> set[str]:
-    """Names of the config fields that hold local paths (field metadata `path: True`)."""
-    return {f.name for f in dataclasses.fields(cfg) if f.metadata.get("path")} if dataclasses.is_dataclass(cfg) else set()
+    """Names of the config options that hold local paths (the config class's PATH_OPTIONS)."""
+    return set(getattr(cfg, "PATH_OPTIONS", ()))
 
 
 def run_options(options: dict[str, Any], exclude: Iterable[str] = VOLATILE_OPTIONS,
@@ -65,11 +64,12 @@ def clear_outputs(paths: Iterable[Path], is_main: bool) -> None:
 
 
 def start_run(path: Path, info: dict[str, Any], resume: bool, is_main: bool, stage: str,
-              paths: Iterable[str] = ()) -> None:
+              paths: Iterable[str] = (), aliases: dict[str, str] | None = None) -> None:
     """Record the run's identity in `path`; with `resume`, first refuse a missing record or options that differ.
 
-    Records written by older versions may hold volatile options (output_dir): those are ignored, and
-    their path options are resolved like today's before comparing.
+    Records written by older versions may hold volatile options (output_dir) and old option names
+    (`aliases`, e.g. batch_size): the first are ignored, the second renamed, and their path options
+    resolved like today's before comparing.
     """
     info = run_options(info, exclude=())
     if resume:
@@ -77,7 +77,8 @@ def start_run(path: Path, info: dict[str, Any], resume: bool, is_main: bool, sta
             raise PipelineError(
                 f"{stage} --resume: nothing to resume in {path.parent}: no {stage} run is recorded there "
                 f"({path.name} is missing); run without --resume to start a new run")
-        stored = run_options(json.loads(path.read_text(encoding="utf-8")), paths=paths)
+        stored = {(aliases or {}).get(k, k): v for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+        stored = run_options(stored, paths=paths)
         diff = sorted(k for k in set(stored) | set(info) if stored.get(k) != info.get(k))
         if diff:
             detail = "; ".join(f"{k}: stored {stored.get(k)!r}, now {info.get(k)!r}" for k in diff)

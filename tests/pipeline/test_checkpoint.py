@@ -153,7 +153,7 @@ def test_every_broken_checkpoint_is_reported_and_resume_refused(tmp_path: Path,
 def test_resume_without_any_checkpoint_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "run"
     _run(out, 5, max_steps_this_run=2, save_every=0)  # ran, but saved nothing
-    with pytest.raises(PipelineError, match="no intact checkpoint.*save-every"):
+    with pytest.raises(PipelineError, match="no intact checkpoint.*save-steps"):
         _run(out, 5, resume=True, save_every=0)
 
 
@@ -195,7 +195,7 @@ def test_a_respelled_or_moved_run_directory_resumes(files: dict[str, Path], tmp_
     stored = json.loads((tmp_path / "run" / "distill_run.json").read_text())
     assert "output_dir" not in stored and stored["data"] == str(tmp_path / "data.jsonl")
     spelled = dataclasses.replace(relative, output_dir=str(tmp_path / "run"), data=str(tmp_path / "data.jsonl"),
-                                  resume=True, max_steps_this_run=1)
+                                  resume_from_checkpoint=True, max_steps_this_run=1)
     assert distill(spelled)["steps"] == 2  # absolute spellings of the same run
     (tmp_path / "run").rename(tmp_path / "moved")
     moved = dataclasses.replace(spelled, output_dir=str(tmp_path / "moved"), max_steps_this_run=0)
@@ -214,7 +214,7 @@ def test_an_old_run_record_with_output_dir_still_resumes(files: dict[str, Path],
     distill(cfg)
     record = tmp_path / "run" / "distill_run.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "output_dir": "/somewhere/else"}))
-    assert distill(dataclasses.replace(cfg, resume=True, max_steps_this_run=0))["finished"]
+    assert distill(dataclasses.replace(cfg, resume_from_checkpoint=True, max_steps_this_run=0))["finished"]
 
 
 def test_resume_with_nothing_recorded_is_refused(files: dict[str, Path], tmp_path: Path,
