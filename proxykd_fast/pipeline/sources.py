@@ -16,6 +16,7 @@ from proxykd_fast.jsonl import read_jsonl
 
 COLLECT_RECORDS = "records.jsonl"
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
 
 
 def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -36,6 +37,8 @@ def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
             yield from iter_records(f)
         return
     if not p.exists():
+        if _looks_local(str(path)):
+            raise FileNotFoundError(f"data file not found: {p}")
         yield from _split_rows(_load_dataset(str(path)), path)
         return
     if p.suffix == ".parquet":
@@ -64,6 +67,11 @@ def count_records(path: str | Path) -> int:
 
         return int(pq.ParquetFile(p).metadata.num_rows)
     return sum(1 for _ in iter_records(p))
+
+
+def _looks_local(name: str) -> bool:
+    """A missing path that cannot be a dataset name: absolute, relative with ./ or ~, or with a data file suffix."""
+    return name.startswith(("/", "./", "../", "~")) or Path(name).suffix.lower() in LOCAL_SUFFIXES
 
 
 def _load_saved_dataset(p: Path) -> Any:

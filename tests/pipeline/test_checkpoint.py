@@ -227,3 +227,19 @@ def test_resume_with_nothing_recorded_is_refused(files: dict[str, Path], tmp_pat
     err = capsys.readouterr().err
     assert "nothing to resume" in err and "without --resume" in err
     assert not (tmp_path / "empty" / "checkpoints").exists()
+
+
+def test_resume_auto_continues_what_there_is_and_otherwise_starts_fresh(files: dict[str, Path], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from proxykd_fast.pipeline import distill
+
+    out = str(tmp_path / "run")
+    first = distill(_sft(files, out, max_steps_this_run=1, resume_from_checkpoint="auto"))
+    assert first["steps"] == 1 and "no distill run is recorded" in capsys.readouterr().err
+    again = distill(_sft(files, out, max_steps_this_run=1, resume_from_checkpoint="auto"))
+    assert again["steps"] == 2 and "resumed from" in capsys.readouterr().err
+    for ckpt in list_checkpoints(tmp_path / "run" / "checkpoints"):
+        _empty(ckpt / "model.pt")
+    restarted = distill(_sft(files, out, max_steps_this_run=1, resume_from_checkpoint="auto"))
+    err = capsys.readouterr().err
+    assert restarted["steps"] == 1 and "broken" in err and "starts at step 0" in err
