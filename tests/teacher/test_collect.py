@@ -361,14 +361,14 @@ def test_unknown_api_errors_never_crash_the_run(server, tmp_path, monkeypatch):
     real_attempt = TeacherClient._attempt
     calls: Counter = Counter()
 
-    async def attempt(self, prompt, params):
+    async def attempt(self, prompt, params, key=None):
         text = prompt[-1]["content"]
         calls[text] += 1
         if text.startswith("q1: ") and calls[text] == 1:
             raise openai.APIError("upstream temporarily unavailable", httpx.Request("POST", self.base_url), body=None)
         if text.startswith("q2: "):
             raise openai.OpenAIError("content policy violation")
-        return await real_attempt(self, prompt, params)
+        return await real_attempt(self, prompt, params, key)
 
     monkeypatch.setattr(TeacherClient, "_attempt", attempt)
     summary = collect(_config(server, tmp_path, n=6))
