@@ -116,3 +116,17 @@ class EngineGate:
     def __exit__(self, *exc: object) -> None:
         self.release()
         del self.engine.generate  # back to the class's method
+
+
+class SubmissionCounter:
+    """Count the rows a GenerationEngine is asked to generate: what a provider bills, replays excluded."""
+
+    def __init__(self, engine: Any) -> None:
+        self.rows = 0
+        real = engine.submit
+
+        def submit(row: Any) -> Any:
+            self.rows += 1
+            return real(row)
+
+        engine.submit = submit

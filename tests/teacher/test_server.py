@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import hmac
 import json
 import logging
+import re
 
 import httpx
 import openai
@@ -141,12 +142,12 @@ def test_system_prompt_is_hidden(server, client):
 
 
 def _client_view(srv, tok) -> tuple:
-    """Everything a client can learn about the context from one server: /v1/models, errors, clipping."""
+    """Everything a client can learn about the context: the limit an error names, and max_tokens clipping."""
     with openai.OpenAI(base_url=srv.base_url, api_key="EMPTY", max_retries=0, timeout=60) as c:
-        context = c.models.list().data[0].model_extra["max_model_len"]
         with pytest.raises(openai.BadRequestError) as info:
             _ask(c, "x" * 1100, max_tokens=2)
-        # A prompt 5 tokens short of the advertised context: max_tokens is clipped to those 5.
+        context = int(re.search(r"context length is (\d+)", str(info.value)).group(1))
+        # A prompt 5 tokens short of that context: max_tokens is clipped to those 5.
         overhead = len(render_chat(tok, [{"role": "user", "content": ""}]))
         text = "y" * (context - overhead - 5)
         resp = c.chat.completions.create(
@@ -154,25 +155,31 @@ def _client_view(srv, tok) -> tuple:
         )
         with pytest.raises(openai.BadRequestError) as full:
             _ask(c, "y" * (context - overhead), max_tokens=1)
-    return context, str(info.value), resp.usage.prompt_tokens, resp.usage.completion_tokens, \
-        resp.choices[0].finish_reason, str(full.value)
+        listed = c.models.list().data[0].model_extra.get("max_model_len")
+    usage = resp.usage
+    return context, str(info.value), usage.prompt_tokens, usage.completion_tokens, resp.choices[0].finish_reason, \
+        str(full.value), listed
 
 
 def test_hidden_prompt_length_does_not_show(tiny):
     """Two hidden prompts of very different lengths look the same to clients, in every number."""
     model, tok = tiny
-    views = []
-    for secret in ("S", "a much longer hidden instruction " * 4):
-        with TeacherServer(model, tok, model_name="tiny", system_prompt=secret) as srv:
-            assert srv.handler.hidden_tokens > len(secret) - 1
-            views.append(_client_view(srv, tok))
+    views = [_client_view(srv, tok) for srv in _servers(tiny, ("S", "a much longer hidden instruction " * 4))]
     assert views[0] == views[1]
-    context, _, prompt_tokens, completion_tokens, finish, _ = views[0]
-    assert context == 1024 - RESERVE_GRANULARITY
+    context, _, prompt_tokens, completion_tokens, finish, _, listed = views[0]
+    assert context == listed == 1024 - RESERVE_GRANULARITY
     assert (prompt_tokens, completion_tokens, finish) == (context - 5, 5, "length")
     # Without a hidden prompt the whole context is the client's.
-    with TeacherServer(model, tok, model_name="tiny") as srv:
-        assert _client_view(srv, tok)[0] == 1024
+    (view,) = [_client_view(srv, tok) for srv in _servers(tiny, (None,))]
+    assert view[0] == view[-1] == 1024
+
+
+def _servers(tiny, system_prompts):
+    """Start one server per hidden prompt in turn (each stopped before the next starts)."""
+    model, tok = tiny
+    for secret in system_prompts:
+        with TeacherServer(model, tok, model_name="tiny", system_prompt=secret) as srv:
+            yield srv
 
 
 def test_hidden_prompt_reserve_is_checked(tiny):
@@ -211,8 +218,6 @@ def test_api_key_is_compared_in_constant_time(tiny, monkeypatch):
 
 def test_public_bind_without_a_key_warns(tiny, caplog):
     model, tok = tiny
-    assert [is_loopback_host(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "localhost", "0.0.0.0", "::", "10.0.0.1",
-                                          "teacher.example.com")] == [True] * 4 + [False] * 4
     with caplog.at_level(logging.WARNING, logger="proxykd_fast.teacher.server"):
         TeacherServer(model, tok, host="0.0.0.0")
     assert "serving on 0.0.0.0 without an API key" in caplog.text
@@ -222,6 +227,8 @@ def test_public_bind_without_a_key_warns(tiny, caplog):
         TeacherServer(model, tok, host="127.0.0.1")
         TeacherServer(model, tok, host="::1")
     assert "without an API key" not in caplog.text
+    assert [is_loopback_host(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "localhost", "0.0.0.0", "::", "10.0.0.1",
+                                          "teacher.example.com")] == [True] * 4 + [False] * 4
 
 
 def test_system_prompt_sources(tmp_path, caplog, capsys):
