@@ -1,18 +1,23 @@
-"""Helpers for teacher tests that must not depend on timing: a request gate, waits, fault schedules."""
+"""Helpers for teacher tests that must not depend on timing: gates, waits, fault schedules, tiny servers."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+import torch
 
 from proxykd_fast.teacher.asgi import App, Receive, Scope, Send, read_body, replay_body
 from proxykd_fast.teacher.faults import COMPLETION_PATHS, FaultConfig, FaultInjector, request_fingerprint
+from proxykd_fast.teacher.server import TeacherServer
+from proxykd_fast.teacher.tiny import tiny_teacher
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -130,3 +135,22 @@ class SubmissionCounter:
             return real(row)
 
         engine.submit = submit
+
+
+@contextlib.contextmanager
+def torch_single_thread() -> Iterator[None]:
+    """One torch CPU thread (much faster for the tiny model on a small shared machine), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tiny_server(seed: int, **kwargs: Any) -> Iterator[TeacherServer]:
+    """A running server (model name "tiny") over the tiny teacher of `seed`: the body of a fixture."""
+    with torch_single_thread():
+        model, tok = tiny_teacher(seed=seed)
+        with TeacherServer(model, tok, model_name="tiny", **kwargs) as srv:
+            yield srv

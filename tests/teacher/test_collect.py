@@ -14,7 +14,6 @@ import httpx
 import openai
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from proxykd_fast.teacher import (
     CollectConfig,
@@ -43,21 +42,14 @@ from proxykd_fast.teacher.server import TeacherServer
 from proxykd_fast.teacher.store import FAILURES_FILE, RECORDS_FILE, JsonlAppender, OutputDir, StoreError
 from proxykd_fast.teacher.testing import count_lines, make_prompts, write_prompts
 from proxykd_fast.teacher.tiny import tiny_teacher
-from tests.support.teacher import EngineGate
+from tests.support.teacher import EngineGate, tiny_server
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def server():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model, tok = tiny_teacher(seed=1)
-    srv = TeacherServer(model, tok, model_name="tiny")
-    srv.start()
-    yield srv
-    srv.stop()
-    torch.set_num_threads(threads)
+    yield from tiny_server(seed=1)
 
 
 def _config(server, tmp_path, n=36, **kw) -> CollectConfig:

@@ -12,7 +12,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from proxykd_fast.teacher import CollectConfig, collect, load_failures, load_records
 from proxykd_fast.teacher.client import RetryPolicy, TeacherClient
@@ -21,7 +20,7 @@ from proxykd_fast.teacher.prompts import read_prompts
 from proxykd_fast.teacher.server import TeacherServer
 from proxykd_fast.teacher.testing import write_prompts
 from proxykd_fast.teacher.tiny import tiny_teacher
-from tests.support.teacher import chat_body, expected_faults
+from tests.support.teacher import chat_body, expected_faults, torch_single_thread
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,10 +58,8 @@ def _by_kind(retry_reasons: dict[str, int]) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_teacher(seed=2)
-    torch.set_num_threads(threads)
+    with torch_single_thread():
+        yield tiny_teacher(seed=2)
 
 
 def _chat_bodies(prompts, params) -> list[bytes]:

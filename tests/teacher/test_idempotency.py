@@ -8,7 +8,6 @@ import json
 
 import httpx
 import pytest
-import torch
 
 from proxykd_fast.teacher import CollectConfig, collect, load_records
 from proxykd_fast.teacher.client import RequestIdentity, RetryPolicy, TeacherClient
@@ -19,7 +18,7 @@ from proxykd_fast.teacher.server import TeacherServer
 from proxykd_fast.teacher.store import OutputDir
 from proxykd_fast.teacher.testing import write_prompts
 from proxykd_fast.teacher.tiny import tiny_teacher
-from tests.support.teacher import EngineGate, wait_until
+from tests.support.teacher import EngineGate, tiny_server, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,14 +28,7 @@ BODY = {"model": "tiny", "messages": [{"role": "user", "content": "tell me more"
 
 @pytest.fixture(scope="module")
 def server():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model, tok = tiny_teacher(seed=5)
-    srv = TeacherServer(model, tok, model_name="tiny")
-    srv.start()
-    yield srv
-    srv.stop()
-    torch.set_num_threads(threads)
+    yield from tiny_server(seed=5)
 
 
 def _post(srv, body, key=None, timeout=30.0):

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from proxykd_fast.teacher import CollectConfig, collect, load_records
 from proxykd_fast.teacher.cli import main as cli_main
@@ -28,7 +27,7 @@ from proxykd_fast.teacher.server import TeacherServer
 from proxykd_fast.teacher.store import RECORDS_FILE
 from proxykd_fast.teacher.testing import count_lines, write_prompts
 from proxykd_fast.teacher.tiny import tiny_teacher
-from tests.support.teacher import RequestGate, SubmissionCounter, wait_until
+from tests.support.teacher import RequestGate, SubmissionCounter, torch_single_thread, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -79,10 +78,8 @@ def _canonical(rows: list[dict]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_teacher(seed=3)
-    torch.set_num_threads(threads)
+    with torch_single_thread():
+        yield tiny_teacher(seed=3)
 
 
 def _kill_and_resume(srv: TeacherServer, gate: RequestGate, tmp_path: Path) -> tuple[int, str]:

@@ -11,7 +11,6 @@ import re
 import httpx
 import openai
 import pytest
-import torch
 
 from proxykd_fast.teacher import server as server_module
 from proxykd_fast.teacher.chat_format import FALLBACK_GENERATION_PROMPT, render_chat, with_system_prompt
@@ -22,18 +21,15 @@ from proxykd_fast.teacher.faults import FAULT_KINDS, FaultConfig
 from proxykd_fast.teacher.sampling import derive_seed
 from proxykd_fast.teacher.server import RESERVE_GRANULARITY, TeacherServer, is_loopback_host
 from proxykd_fast.teacher.tiny import tiny_teacher
-from tests.support.teacher import EngineGate, wait_until
+from tests.support.teacher import EngineGate, torch_single_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    # One CPU thread is much faster for a tiny model on a small shared machine; restore it after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_teacher(seed=0)
-    torch.set_num_threads(threads)
+    with torch_single_thread():
+        yield tiny_teacher(seed=0)
 
 
 @pytest.fixture(scope="module")
