@@ -16,6 +16,19 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILURES, EXIT_ERROR = 0, 1, 2
+SYSTEM_PROMPT_ENV = "PROXYKD_SYSTEM_PROMPT"
+
+COLLECT_GUARANTEES = """\
+what a re-run guarantees (after Ctrl-C, a crash or kill -9):
+  - every unit (prompt x sample) ends up in records.jsonl exactly once, and none is lost; a
+    line cut by a kill is repaired; a unit already on disk is never requested again.
+  - billing: a request in flight when the collector dies may already have been billed, and the
+    re-run sends it again. inflight.jsonl records every request before it leaves, so the re-run
+    repeats it with the same Idempotency-Key: a server that honours the header (serve-teacher
+    does) answers from its cache and bills nothing twice. A server that ignores it bills again
+    up to --concurrency requests per interruption (the ones in flight). Likewise a request that
+    timed out may have been billed, and its retry is billed again unless the key is honoured.
+"""
 
 
 def add_collect_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -24,6 +37,8 @@ def add_collect_parser(subparsers: Any) -> argparse.ArgumentParser:
         "collect",
         help="collect teacher completions from an OpenAI-compatible API",
         description="Collect teacher completions for a prompts JSONL; safe to re-run after any interruption.",
+        epilog=COLLECT_GUARANTEES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--prompts", required=True, type=Path, help="JSONL with {'prompt': ...} or {'messages': [...]}")
     p.add_argument("--out", required=True, type=Path, help="output directory (records.jsonl, failures.jsonl)")
@@ -51,6 +66,12 @@ def add_collect_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true", help="resume even if sampling settings changed")
     p.add_argument("--max-consecutive-failures", type=int, default=50, help="stop after this many in a row (0: never)")
     p.add_argument("--summary-json", type=Path, default=None, help="also write the summary as JSON here")
+    p.add_argument(
+        "--no-idempotency-key",
+        action="store_true",
+        help="do not send the Idempotency-Key header (for a server or proxy that rejects it); "
+        "an interrupted run may then be billed again for up to --concurrency requests",
+    )
     p.set_defaults(func=run_collect)
     return p
 
@@ -86,6 +107,7 @@ def run_collect(args: argparse.Namespace) -> int:
         check_model=not args.no_model_check,
         allow_config_change=args.allow_config_change,
         max_consecutive_failures=args.max_consecutive_failures,
+        idempotency_key=not args.no_idempotency_key,
     )
     try:
         summary = collect(config)
@@ -114,10 +136,33 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="name clients must use (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
+    hidden = p.add_mutually_exclusive_group()
+    hidden.add_argument(
+        "--system-prompt-file",
+        type=Path,
+        default=None,
+        help="file holding the hidden system prompt prepended to every chat (preferred: keep it chmod 600; "
+        f"one trailing newline is dropped). ${SYSTEM_PROMPT_ENV} is the next best place",
+    )
+    hidden.add_argument(
         "--system-prompt",
         default=None,
-        help="hidden system prompt prepended to every chat (not counted in usage.prompt_tokens)",
+        help="the hidden system prompt itself; avoid for a secret prompt: a command line shows in `ps` "
+        f"and shell history to every user of the machine (use --system-prompt-file or ${SYSTEM_PROMPT_ENV}, "
+        "readable only by you and root)",
+    )
+    p.add_argument(
+        "--hidden-prompt-reserve",
+        type=int,
+        default=None,
+        help="tokens of the context set aside for the hidden prompt; clients see context minus this "
+        "(default: its length plus a margin, rounded up to 256, so only a coarse bound shows)",
+    )
+    p.add_argument(
+        "--idempotency-cache",
+        type=int,
+        default=4096,
+        help="answers kept for repeated Idempotency-Key requests (default 4096; 0: ignore the header)",
     )
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to wait to fill a batch")
@@ -152,6 +197,11 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"error: ${args.api_key_env} is not set", file=sys.stderr)
             return EXIT_ERROR
     try:
+        system_prompt = resolve_system_prompt(args.system_prompt, args.system_prompt_file)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
         faults = FaultConfig.uniform(
             args.fault_rate,
             kinds,
@@ -164,26 +214,64 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValueError, PresetError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    server = TeacherServer(
-        model,
-        tokenizer,
-        model_name=args.served_model_name or args.model,
-        host=args.host,
-        port=args.port,
-        system_prompt=args.system_prompt,
-        max_batch_size=args.max_batch_size,
-        batch_wait_ms=args.batch_wait_ms,
-        default_max_tokens=args.default_max_tokens,
-        faults=faults if faults.active else None,
-        log_level=args.log_level,
-        num_threads=args.num_threads,
-        api_key=api_key,
-    )
+    try:
+        server = TeacherServer(
+            model,
+            tokenizer,
+            model_name=args.served_model_name or args.model,
+            host=args.host,
+            port=args.port,
+            system_prompt=system_prompt,
+            max_batch_size=args.max_batch_size,
+            batch_wait_ms=args.batch_wait_ms,
+            default_max_tokens=args.default_max_tokens,
+            faults=faults if faults.active else None,
+            log_level=args.log_level,
+            num_threads=args.num_threads,
+            api_key=api_key,
+            hidden_prompt_reserve=args.hidden_prompt_reserve,
+            idempotency_cache=args.idempotency_cache,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     return EXIT_OK
+
+
+def resolve_system_prompt(flag: str | None, path: Path | None, environ: dict[str, str] | None = None) -> str | None:
+    """The hidden system prompt from exactly one of --system-prompt, --system-prompt-file, $PROXYKD_SYSTEM_PROMPT.
+
+    ValueError when it is given twice (no source silently wins) or the file is missing or empty.
+    """
+    env = (os.environ if environ is None else environ).get(SYSTEM_PROMPT_ENV)
+    given = [name for name, v in (("--system-prompt", flag), ("--system-prompt-file", path)) if v is not None]
+    if env is not None:
+        given.append(f"${SYSTEM_PROMPT_ENV}")
+    if len(given) > 1:
+        raise ValueError(f"the hidden system prompt is given {len(given)} times ({', '.join(given)}); give it once")
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read --system-prompt-file {path}: {exc}") from None
+        text = text.removesuffix("\n").removesuffix("\r")
+        if not text.strip():
+            raise ValueError(f"--system-prompt-file {path} is empty")
+        return text
+    if flag is not None:
+        logging.getLogger(__name__).warning(
+            "--system-prompt is visible to every user of this machine in `ps`; prefer --system-prompt-file "
+            "or $%s",
+            SYSTEM_PROMPT_ENV,
+        )
+        return flag
+    if env is not None and not env.strip():
+        raise ValueError(f"${SYSTEM_PROMPT_ENV} is set but empty")
+    return env
 
 
 def _setup_logging() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -10,9 +11,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .client import FatalAPIError, Mode, RetryPolicy, TeacherClient
+from .client import FatalAPIError, Mode, RequestIdentity, RetryPolicy, TeacherClient
+from .journal import InflightJournal
 from .progress import ProgressBar, Stats
-from .prompts import PromptsError, format_bad_lines, prompt_hash, read_prompts
+from .prompts import PromptsError, canonical_json, format_bad_lines, prompt_hash, read_prompts
 from .records import RecordFormat, Unit, build_failure, build_record
 from .store import OutputDir, StoreError
 
@@ -54,6 +56,7 @@ class CollectConfig:
     check_model: bool = True
     allow_config_change: bool = False
     max_consecutive_failures: int = 50
+    idempotency_key: bool = True
 
     def validate(self) -> None:
         """Refuse option combinations that would write misleading records (CollectError saying why)."""
@@ -90,6 +93,11 @@ class CollectConfig:
             params["seed"] = self.seed + sample_index
         return params
 
+    def identity_base(self, run_id: str, unit: Unit) -> str:
+        """What an idempotency key names: this output dir's run, this unit, this exact request body."""
+        body = canonical_json({"model": self.model, "mode": self.mode, "params": self.request_params(unit.sample_index)})
+        return f"{run_id}:{unit.prompt_hash}:{hashlib.sha256(body.encode()).hexdigest()}"
+
 
 @dataclass
 class CollectSummary:
@@ -111,6 +119,7 @@ class CollectSummary:
     cost: float = 0.0
     elapsed_s: float = 0.0
     repaired_bytes: int = 0
+    interrupted: int = 0
 
     @property
     def remaining(self) -> int:
@@ -139,6 +148,11 @@ class CollectSummary:
             lines.append("  failures: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.failure_reasons.items())))
         if self.repaired_bytes:
             lines.append(f"  repaired a truncated last line ({self.repaired_bytes} bytes dropped)")
+        if self.interrupted:
+            lines.append(
+                f"  resumed: {self.interrupted} unit(s) were in flight when a previous run stopped and may have "
+                "been billed; they were sent again with the same Idempotency-Key"
+            )
         return "\n".join(lines)
 
 
@@ -176,15 +190,26 @@ def plan_units(config: CollectConfig, summary: CollectSummary) -> list[Unit]:
     return units
 
 
-async def housekeeping(store: OutputDir, bar: ProgressBar, period: float) -> None:
+async def housekeeping(
+    store: OutputDir, bar: ProgressBar, period: float, journal: InflightJournal | None = None
+) -> None:
     """Every `period` seconds: fsync lines older than the fsync interval, draw changed counters."""
     while True:
         await asyncio.sleep(period)
         store.sync_stale()
+        if journal is not None:
+            journal.sync_stale()
         bar.flush()
 
 
-async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, stats: Stats, bar: ProgressBar) -> None:
+async def _run(
+    config: CollectConfig,
+    units: Iterator[Unit],
+    store: OutputDir,
+    journal: InflightJournal,
+    stats: Stats,
+    bar: ProgressBar,
+) -> None:
     """Drive `concurrency` workers over the pending units until done or a fatal error.
 
     A fatal error (auth, unknown model, unreachable server, too many failures in a row) stops
@@ -199,7 +224,12 @@ async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, s
         max_retry_after=config.max_retry_after,
     )
     client = TeacherClient(
-        config.base_url, config.model, mode=config.mode, api_key_env=config.api_key_env, policy=policy
+        config.base_url,
+        config.model,
+        mode=config.mode,
+        api_key_env=config.api_key_env,
+        policy=policy,
+        idempotency_key=config.idempotency_key,
     )
     consecutive_failures = 0
     stop = asyncio.Event()
@@ -222,8 +252,13 @@ async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, s
         for unit in units:
             if stop.is_set():
                 return  # the unit stays pending for the next run
+            identity = RequestIdentity(
+                config.identity_base(store.run_id, unit),
+                generation=journal.generations.get(unit.prompt_hash, 0),
+                on_send=lambda g, h=unit.prompt_hash: journal.sent(h, g),
+            )
             outcome = await client.complete(
-                unit.prompt, config.request_params(unit.sample_index), on_retry, on_resume, stop
+                unit.prompt, config.request_params(unit.sample_index), on_retry, on_resume, stop, identity
             )
             if outcome.completion is not None:
                 record = build_record(
@@ -249,6 +284,7 @@ async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, s
                 halt(failure.reason)
                 return
             store.failures.write(build_failure(unit, failure, outcome.attempts, outcome.retry_reasons))
+            journal.failed(unit.prompt_hash, identity.generation)
             stats.failed += 1
             stats.failure_reasons[failure.reason] += 1
             bar.refresh(advance=1)
@@ -261,7 +297,7 @@ async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, s
                 return
 
     tasks: list[asyncio.Task] = []
-    ticker = asyncio.create_task(housekeeping(store, bar, min(0.5, config.fsync_interval / 2)))
+    ticker = asyncio.create_task(housekeeping(store, bar, min(0.5, config.fsync_interval / 2), journal))
     try:
         if config.check_model:
             await client.check_model()
@@ -298,19 +334,29 @@ async def acollect(config: CollectConfig) -> CollectSummary:
         done = store.open(config.run_info(), allow_config_change=config.allow_config_change)
     except StoreError as exc:
         raise CollectError(str(exc)) from None
+    journal = InflightJournal(store)
     try:
+        journal.open(done)
         summary.repaired_bytes = store.repaired_bytes
         pending = [u for u in units if u.prompt_hash not in done]
         summary.already_done = len(units) - len(pending)
+        summary.interrupted = sum(u.prompt_hash in journal.interrupted for u in pending)
+        if summary.interrupted:
+            log.warning(
+                "%d unit(s) were in flight when a previous run stopped: the teacher may have billed them; "
+                "they are sent again with the same Idempotency-Key (billed again unless the server honours it)",
+                summary.interrupted,
+            )
         stats = Stats(config.price_input_per_1k, config.price_output_per_1k)
         if pending:
             bar = ProgressBar(stats, total=len(units), initial=summary.already_done, enabled=config.progress)
             try:
-                await _run(config, iter(pending), store, stats, bar)
+                await _run(config, iter(pending), store, journal, stats, bar)
             finally:
                 bar.close()
                 _fill_summary(summary, stats)
     finally:
+        journal.close()
         store.close()
         summary.elapsed_s = time.monotonic() - start
     return summary

@@ -6,7 +6,9 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -118,15 +120,39 @@ def check_fsync_settings(fsync_every: int, fsync_interval: float) -> None:
         raise ValueError(f"fsync_interval must be a number of seconds > 0, got {fsync_interval!r}")
 
 
+def write_json_atomic(path: Path, rows: list[dict[str, Any]] | dict[str, Any], jsonl: bool = False) -> None:
+    """Replace `path` with `rows` (JSON, or JSON lines) so a kill leaves the old or the new file, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    if jsonl:
+        text = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in rows)
+    else:
+        text = json.dumps(rows, indent=2, sort_keys=True) + "\n"
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 class JsonlAppender:
     """Append JSON lines: each line reaches the OS at once; an fsync follows every `fsync_every`
-    lines, or once the oldest unsynced line is `fsync_interval` seconds old (see `sync_stale`)."""
+    lines, or once the oldest unsynced line is `fsync_interval` seconds old (see `sync_stale`).
 
-    def __init__(self, path: Path, fsync_every: int = 8, fsync_interval: float = 2.0) -> None:
+    `clock` (monotonic seconds) is injectable so tests can move time without sleeping.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        fsync_every: int = 8,
+        fsync_interval: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         check_fsync_settings(fsync_every, fsync_interval)
         self.path = path
         self.fsync_every = fsync_every
         self.fsync_interval = float(fsync_interval)
+        self.clock = clock
         self._pending = 0
         self._oldest = 0.0  # monotonic time of the oldest unsynced line
         self.syncs = 0
@@ -142,7 +168,7 @@ class JsonlAppender:
         line = json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
         self._fh.write(line)
         self._fh.flush()
-        now = time.monotonic()
+        now = self.clock()
         if not self._pending:
             self._oldest = now
         self._pending += 1
@@ -151,7 +177,7 @@ class JsonlAppender:
 
     def sync_stale(self) -> bool:
         """fsync if the oldest unsynced line is `fsync_interval` old; call it periodically. True if it synced."""
-        if self._pending and time.monotonic() - self._oldest >= self.fsync_interval:
+        if self._pending and self.clock() - self._oldest >= self.fsync_interval:
             self.sync()
             return True
         return False
@@ -171,17 +197,29 @@ class JsonlAppender:
 
 
 class OutputDir:
-    """The collection output directory: lock, repair on open, completed hashes, appenders."""
+    """The collection output directory: lock, repair on open, completed hashes, appenders.
 
-    def __init__(self, path: str | Path, fsync_every: int = 8, fsync_interval: float = 2.0) -> None:
+    `run_id` is a random id made when the directory is first used and kept in run.json for
+    good; idempotency keys include it, so two directories never share keys.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        fsync_every: int = 8,
+        fsync_interval: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         check_fsync_settings(fsync_every, fsync_interval)
         self.path = Path(path)
         self.fsync_every = fsync_every
         self.fsync_interval = fsync_interval
+        self.clock = clock
         self._lock_fh: TextIO | None = None
         self.records: JsonlAppender | None = None
         self.failures: JsonlAppender | None = None
         self.repaired_bytes = 0
+        self.run_id = ""
 
     @property
     def records_path(self) -> Path:
@@ -207,32 +245,39 @@ class OutputDir:
             self._check_run_info(run_info, allow_config_change)
             self.repaired_bytes = repair_jsonl(self.records_path) + repair_jsonl(self.failures_path)
             done = {r["prompt_hash"] for r in iter_jsonl(self.records_path) if "prompt_hash" in r}
-            self.records = JsonlAppender(self.records_path, self.fsync_every, self.fsync_interval)
-            self.failures = JsonlAppender(self.failures_path, self.fsync_every, self.fsync_interval)
+            self.records = self.appender(RECORDS_FILE)
+            self.failures = self.appender(FAILURES_FILE)
         except BaseException:
             self.close()
             raise
         return done
 
+    def appender(self, name: str) -> JsonlAppender:
+        """An appender for file `name` of this directory, with its fsync settings and clock."""
+        return JsonlAppender(self.path / name, self.fsync_every, self.fsync_interval, self.clock)
+
     def _check_run_info(self, run_info: dict[str, Any], allow_change: bool) -> None:
         """Refuse to mix records made with different generation settings in one directory."""
         run_path = self.path / RUN_FILE
-        if run_path.exists() and not allow_change:
+        old = None
+        if run_path.exists():
             try:
                 old = json.loads(run_path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 old = None
-            if isinstance(old, dict):
-                diff = {k: (old.get(k), v) for k, v in run_info.items() if old.get(k) != v}
-                if diff:
-                    detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                    raise StoreError(
-                        f"{self.path} holds records from a run with other settings ({detail}); "
-                        "use a new --out directory or allow the change explicitly"
-                    )
-        tmp = run_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, run_path)
+        if isinstance(old, dict) and isinstance(old.get("run_id"), str) and old["run_id"]:
+            self.run_id = old["run_id"]
+        else:
+            self.run_id = secrets.token_hex(16)
+        if isinstance(old, dict) and not allow_change:
+            diff = {k: (old.get(k), v) for k, v in run_info.items() if old.get(k) != v}
+            if diff:
+                detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                raise StoreError(
+                    f"{self.path} holds records from a run with other settings ({detail}); "
+                    "use a new --out directory or allow the change explicitly"
+                )
+        write_json_atomic(run_path, {**run_info, "run_id": self.run_id})
 
     def sync_stale(self) -> None:
         """Time-based fsync of both appenders (cheap when nothing is pending)."""
