@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -41,27 +41,30 @@ class Line:
 
 
 def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
-    """(object, None) for a JSON object line, else (None, reason); bytes must be UTF-8."""
+    """(object, None) for a JSON object line, else (None, reason); bytes must be strict UTF-8."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return None, f"invalid UTF-8 at byte {exc.start}"
+        return None, f"invalid UTF-8 (byte 0x{raw[exc.start : exc.start + 1].hex()} at column {exc.start + 1})"
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"invalid JSON ({exc.msg} at column {exc.colno})"
     if not isinstance(value, dict):
-        return None, f"expected a JSON object, got {type(value).__name__}"
+        return None, f"line is not a JSON object (got {type(value).__name__})"
     return value, None
 
 
 def iter_lines(path: str | Path) -> Iterator[Line]:
-    """Every non-blank line of `path` in order, parsed; a torn last line is dropped with a warning."""
+    """Every non-blank line of `path` in order, parsed (a UTF-8 BOM on line 1 is dropped); a torn last line
+    is dropped with a warning."""
     path = Path(path)
     with path.open("rb") as fh:
         line_no = 0
         for raw in fh:
             line_no += 1
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
             if not raw.strip():
                 continue
             value, error = parse_line(raw)
@@ -147,11 +150,13 @@ class JsonlAppender:
     """Append JSON lines: each line reaches the OS at once (a kill -9 cannot lose it); an fsync follows every
     `fsync_every` lines, or once the oldest unsynced line is `fsync_interval` seconds old (see `sync_stale`)."""
 
-    def __init__(self, path: str | Path, fsync_every: int = 8, fsync_interval: float = 2.0) -> None:
+    def __init__(self, path: str | Path, fsync_every: int = 8, fsync_interval: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         check_fsync_settings(fsync_every, fsync_interval)
         self.path = Path(path)
         self.fsync_every = fsync_every
         self.fsync_interval = float(fsync_interval)
+        self.clock = clock  # monotonic seconds; injectable so tests move time without sleeping
         self._pending = 0
         self._oldest = 0.0  # monotonic time of the oldest unsynced line
         self.syncs = 0
@@ -166,7 +171,7 @@ class JsonlAppender:
         """Write one row as a single line and flush it to the OS."""
         self._fh.write(dumps_line(row))
         self._fh.flush()
-        now = time.monotonic()
+        now = self.clock()
         if not self._pending:
             self._oldest = now
         self._pending += 1
@@ -175,7 +180,7 @@ class JsonlAppender:
 
     def sync_stale(self) -> bool:
         """fsync if the oldest unsynced line is `fsync_interval` old; call it periodically. True if it synced."""
-        if self._pending and time.monotonic() - self._oldest >= self.fsync_interval:
+        if self._pending and self.clock() - self._oldest >= self.fsync_interval:
             self.sync()
             return True
         return False

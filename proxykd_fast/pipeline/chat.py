@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-_PROBE = "PROXYKDPROBEANSWER"
-
 
 def message_text(content: Any) -> str:
     """Message content as a string, flattened exactly as the teacher server does it."""
@@ -92,30 +90,16 @@ def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
     """Tokens that close an assistant turn in the chat template (e.g. <|im_end|>); [eos] when it has none."""
-    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    if not getattr(tokenizer, "chat_template", None):
-        return eos
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-    try:
-        text = tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception:  # a template may refuse the probe: fall back to eos
-        return eos
-    if not isinstance(text, str) or _PROBE not in text:
-        return eos
-    tail = text[text.rindex(_PROBE) + len(_PROBE):].strip()
-    ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
-    return ids or eos
+    from proxykd_fast.teacher.chat_format import end_of_turn_ids as ids  # one definition, shared with the server
+
+    return ids(tokenizer)
 
 
 def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     """Ids that end generation: the model's and tokenizer's eos plus the chat template's end-of-turn token."""
-    ids: list[int] = []
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (gen_eos, tokenizer.eos_token_id, end_of_turn_ids(tokenizer)[-1:] or None):
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and int(v) not in ids:
-                ids.append(int(v))
-    return ids
+    from proxykd_fast.teacher.chat_format import stop_token_ids as ids  # one definition, shared with the server
+
+    return ids(tokenizer, model)
 
 
 def completion_ids(tokenizer: Any, text: str, end: list[int]) -> list[int]:

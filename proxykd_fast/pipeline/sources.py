@@ -14,7 +14,7 @@ from typing import Any
 
 from proxykd_fast.jsonl import read_jsonl
 
-COLLECT_RECORDS = "records.jsonl"
+COLLECT_RECORDS = "records.jsonl"  # teacher.store.RECORDS_FILE
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
 
@@ -24,7 +24,9 @@ def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
     p = Path(path)
     if p.is_dir():
         if (p / COLLECT_RECORDS).exists():
-            yield from _dedupe(read_jsonl(p / COLLECT_RECORDS, on_bad_line="skip"))
+            from proxykd_fast.teacher.store import iter_records as collected  # imported lazily: the teacher is heavy
+
+            yield from collected(p)
             return
         if any((p / name).exists() for name in SAVED_DATASET_FILES):
             yield from _split_rows(_load_saved_dataset(p), p)
@@ -104,13 +106,3 @@ def _split_rows(ds: Any, where: Any) -> Iterator[dict[str, Any]]:
         ds = ds["train"]
     yield from ds
 
-
-def _dedupe(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Keep the first record per (prompt hash, sample index) (collect output may hold retried duplicates)."""
-    seen: set[Any] = set()
-    for r in rows:
-        key = (r.get("prompt_hash"), r.get("sample_index"))
-        if key[0] is not None and key in seen:
-            continue
-        seen.add(key)
-        yield r
