@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +88,16 @@ def _converter(name: str, hint: Any) -> Any:
     return convert
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option (HfArgumentParser's choice); description and epilog kept as written."""
+
+
 class ConfigParser(TrlParser):
     """Flags and `--config` YAML for one config dataclass; `parse(argv)` returns the config."""
 
     def __init__(self, config_class: type | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)  # no silent prefix matches: typos get "did you mean"
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(dataclass_types=[config_class] if config_class is not None else None, **kwargs)
         self.config_class = config_class
         if config_class is None:  # a plain argparse parser (an argparse-only subcommand)
@@ -150,6 +157,10 @@ class ConfigParser(TrlParser):
                     raise ConfigError(f"{path}: 'env' must be a mapping of environment variables")
                 os.environ.update({str(k): str(v) for k, v in env.items()})
             self.set_defaults_with_config(**coerce_mapping(self.config_class, data, where=path))
+        known = set(self.option_strings())
+        unknown = [a for a in args if a.startswith("--") and len(a) > 2 and a.split("=", 1)[0] not in known]
+        if unknown:  # before argparse, whose "required" errors would hide the likelier cause, a typo
+            raise ConfigError(f"{self.prog}: unrecognized arguments: {' '.join(unknown)}{self._hint(unknown)}")
         namespace, rest = self.parse_known_args(args)
         if rest:
             raise ConfigError(f"{self.prog}: unrecognized arguments: {' '.join(rest)}{self._hint(rest)}")
@@ -161,6 +172,47 @@ class ConfigParser(TrlParser):
         flags = [a.split("=", 1)[0] for a in rest if a.startswith("--")]
         close = closest(flags[0], self.option_strings()) if flags else None
         return f" (did you mean {close}?)" if close else ""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the config dataclass it parses, the function it runs on it (returning an exit code)."""
+
+    config: type
+    run: Callable[[Any], int]
+    help: str
+    description: str | None = None
+    epilog: str | None = None
+
+
+def build_command_parser(prog: str, description: str, commands: dict[str, Command]) -> argparse.ArgumentParser:
+    """A parser with one ConfigParser subcommand per command (for --help; `run_command` parses)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ConfigParser)
+    for name, c in commands.items():
+        sub.add_parser(name, config_class=c.config, help=c.help, description=c.description or c.help, epilog=c.epilog)
+    return parser
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> ConfigParser:
+    """The ConfigParser of subcommand `name`."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def run_command(parser: argparse.ArgumentParser, commands: dict[str, Command], argv: Sequence[str],
+                errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Parse `argv` (subcommand first) and run it; a bad command line or one of `errors` prints 'error: ...', exit 2."""
+    argv = list(argv)
+    try:
+        if not argv or argv[0] not in commands:
+            parser.parse_args(argv)  # --help, or argparse's own error for a missing / unknown subcommand
+            return 2
+        config = subcommand_parser(parser, argv[0]).parse(argv[1:])
+        return int(commands[argv[0]].run(config) or 0)
+    except (ConfigError, *errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _pop_config(args: list[str]) -> str | None:
@@ -178,4 +230,5 @@ def _pop_config(args: list[str]) -> str | None:
     return None
 
 
-__all__ = ["ConfigError", "ConfigParser", "config_from_mapping", "load_yaml_mapping"]
+__all__ = ["Command", "ConfigError", "ConfigParser", "build_command_parser", "config_from_mapping",
+           "load_yaml_mapping", "run_command", "subcommand_parser"]

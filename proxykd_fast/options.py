@@ -17,6 +17,7 @@ import math
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -116,6 +117,8 @@ def describe_type(hint: Any) -> str:
         return "a mapping"
     if origin is list or hint is list:
         return "a list"
+    if hint is Path:
+        return "a path"
     if origin is typing.Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(
@@ -146,6 +149,10 @@ def coerce(option_name: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
         raise _bad(option_name, value, hint, " (quote the value in YAML)")
+    if hint is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise _bad(option_name, value, hint)
     if origin is typing.Literal:
         if value in typing.get_args(hint):
             return value

@@ -131,7 +131,7 @@ def test_config_file_errors_name_the_file_and_the_option(tmp_path: Path, text: s
 
 
 def test_unknown_flags_get_the_closest_valid_one() -> None:
-    with pytest.raises(ConfigError, match="unrecognized arguments: --learnig-rate 1e-4 \\(did you mean --learning"):
+    with pytest.raises(ConfigError, match="unrecognized arguments: --learnig-rate \\(did you mean --learning"):
         DistillConfig.parse_args(["--learnig-rate", "1e-4"])
     with pytest.raises(ConfigError, match="unrecognized arguments: --batch"):  # no silent prefix matching
         DistillConfig.parse_args(["--batch", "4"])
