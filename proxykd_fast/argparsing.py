@@ -46,6 +46,18 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options of a YAML config file, after setting the environment variables of its `env:` block (TRL's
+    convention)."""
+    data = load_yaml_mapping(path)
+    env = data.pop("env", None)
+    if env is not None:
+        if not isinstance(env, dict):
+            raise ConfigError(f"{path}: 'env' must be a mapping of environment variables")
+        os.environ.update({str(k): str(v) for k, v in env.items()})
+    return data
+
+
 def coerce_mapping(cls: type, data: dict[str, Any], where: str = "") -> dict[str, Any]:
     """`data` keyed by field names with each value coerced to its field's type; errors name the key as written."""
     names = resolve_names(cls, data, where)
@@ -150,13 +162,7 @@ class ConfigParser(TrlParser):
         args = list(args)
         path = _pop_config(args)
         if path is not None:
-            data = load_yaml_mapping(path)
-            env = data.pop("env", None)
-            if env is not None:  # TRL's convention: environment variables set by the config file
-                if not isinstance(env, dict):
-                    raise ConfigError(f"{path}: 'env' must be a mapping of environment variables")
-                os.environ.update({str(k): str(v) for k, v in env.items()})
-            self.set_defaults_with_config(**coerce_mapping(self.config_class, data, where=path))
+            self.set_defaults_with_config(**coerce_mapping(self.config_class, read_config_file(path), where=path))
         known = set(self.option_strings())
         unknown = [a for a in args if a.startswith("--") and len(a) > 2 and a.split("=", 1)[0] not in known]
         if unknown:  # before argparse, whose "required" errors would hide the likelier cause, a typo
@@ -231,4 +237,4 @@ def _pop_config(args: list[str]) -> str | None:
 
 
 __all__ = ["Command", "ConfigError", "ConfigParser", "build_command_parser", "config_from_mapping",
-           "load_yaml_mapping", "run_command", "subcommand_parser"]
+           "load_yaml_mapping", "read_config_file", "run_command", "subcommand_parser"]

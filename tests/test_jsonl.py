@@ -32,7 +32,7 @@ def test_a_complete_last_line_without_newline_is_kept(tmp_path: Path) -> None:
     assert list(read_jsonl(path)) == [*ROWS, {"d": 12}]
 
 
-@pytest.mark.parametrize(("line", "reason"), [('{"broken": \n', "invalid JSON"), ("[1, 2]\n", "expected a JSON object"),
+@pytest.mark.parametrize(("line", "reason"), [('{"broken": \n', "invalid JSON"), ("[1, 2]\n", "line is not a JSON object"),
                                               (b"\xff\xfe\n", "invalid UTF-8")])
 def test_a_bad_middle_line_is_refused_or_skipped(tmp_path: Path, line: str | bytes, reason: str,
                                                  caplog: pytest.LogCaptureFixture) -> None:

@@ -86,14 +86,15 @@ class StageConfig:
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path, **overrides: Any) -> C:
-        """Load a YAML file of options (names or aliases; a TRL config works) with keyword overrides on top."""
-        from proxykd_fast.argparsing import config_from_mapping, load_yaml_mapping
-        from proxykd_fast.options import resolve_names
+        """Load a YAML file of options (names or aliases; a TRL config works, its env: block is applied) with
+        keyword overrides on top."""
+        from proxykd_fast.argparsing import config_from_mapping, read_config_file
+        from proxykd_fast.options import alias_map, resolve_names
 
-        data = resolve_names(cls, load_yaml_mapping(path), where=str(path))
-        data.pop("env", None)
-        data.update(resolve_names(cls, {k: v for k, v in overrides.items() if v is not None}))
-        return config_from_mapping(cls, data, where=str(path))
+        over = resolve_names(cls, {k: v for k, v in overrides.items() if v is not None})
+        aliases = alias_map(cls)
+        data = {k: v for k, v in read_config_file(path).items() if aliases.get(k, k) not in over}
+        return config_from_mapping(cls, {**data, **over}, where=str(path))
 
     @classmethod
     def parse_args(cls: type[C], argv: list[str]) -> C:

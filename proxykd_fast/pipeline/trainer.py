@@ -188,8 +188,13 @@ def train(
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """transformers' gradient checkpointing of the decoder layers (non-reentrant, so frozen inputs and LoRA work)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """transformers' gradient (activation) checkpointing of the decoder layers, non-reentrant so frozen inputs and
+    LoRA work (`activation_checkpointing_enable` where transformers has it: the old name is deprecated in 5.x)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers < 5.24
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _parts(value: Any, what: str) -> dict[str, Any]:
