@@ -18,7 +18,6 @@ from proxykd_fast.options import alias_map
 
 from .config import StageConfig, TrainConfig
 from .metrics import check_reporters
-from .modeling import PipelineError
 from .runinfo import clear_outputs, path_options, run_identity, start_run
 
 
@@ -79,9 +78,4 @@ def open_run(cfg: StageConfig, acc: Any, *, stage: str, out: Path, record: str,
     return resume
 
 
-def fresh_start_allowed(cfg: StageConfig) -> bool:
-    """Whether a resumed phase without an intact checkpoint may start at step 0 (--resume auto)."""
-    return resume_option(cfg) == "auto"
-
-
-__all__ = ["PipelineError", "fresh_start_allowed", "make_accelerator", "notice", "open_run", "start_stage"]
+__all__ = ["make_accelerator", "notice", "open_run", "start_stage"]
