@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._spec import DIVERGENCES, REDUCTIONS, Head, KDBatch, LossSpec
+from ._vocab_parallel import VocabShard, check_same_on_every_rank, make_shard
 
 # Above this, T^2 * KD loses its fp32 precision to cancellation (the error grows like T^2 * eps *
 # |log q|: ~1e-2 absolute at T=100); distillation uses T in [0.5, 10].
@@ -217,10 +218,23 @@ def prepare_head(hidden_name: str, hidden: Tensor, weight_name: str, weight: Ten
     return Head(flat, weight, bias), lead
 
 
-def prepare_labels(labels: Tensor, head: Head, lead: tuple[int, ...], ignore_index: int) -> Tensor:
-    """Validated flat int64 labels on the head's device."""
+def prepare_labels(labels: Tensor, head: Head, lead: tuple[int, ...], ignore_index: int,
+                   shard: VocabShard | None = None) -> Tensor:
+    """Validated flat int64 labels on the head's device, global vocabulary ids under a vocab shard."""
     check_device("labels", labels, head.hidden.device)
-    return check_labels(labels, lead, head.vocab, ignore_index)
+    flat = check_labels(labels, lead, head.vocab if shard is None else shard.vocab, ignore_index)
+    if shard is not None:
+        check_same_on_every_rank(shard, "labels", flat)
+    return flat
+
+
+def prepare_shard(group: object, head: Head) -> VocabShard | None:
+    """The vocab shard of this rank when a vocab-parallel group is given (its hidden must be every rank's)."""
+    if group is None:
+        return None
+    shard = make_shard(group, head.vocab, head.hidden.device)
+    check_same_on_every_rank(shard, "hidden", head.hidden.detach())
+    return shard
 
 
 def _n_valid(flat_labels: Tensor, ignore_index: int) -> int:
@@ -229,14 +243,16 @@ def _n_valid(flat_labels: Tensor, ignore_index: int) -> int:
 
 
 def prepare_ce(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None, ignore_index: int,
-               reduction: str, num_items_in_batch: int | float | Tensor | None,
-               chunk_size: int | None) -> tuple[KDBatch, LossSpec]:
+               reduction: str, num_items_in_batch: int | float | Tensor | None, chunk_size: int | None,
+               vocab_parallel_group: object = None) -> tuple[KDBatch, LossSpec]:
     """Validate a fused cross-entropy call and return the flattened batch plus options."""
     head, lead = prepare_head("hidden", hidden, "weight", weight, "bias", bias)
-    flat_labels = prepare_labels(labels, head, lead, ignore_index)
+    shard = prepare_shard(vocab_parallel_group, head)
+    flat_labels = prepare_labels(labels, head, lead, ignore_index, shard)
     reduction = check_reduction(reduction)
     spec = LossSpec(ignore_index=int(ignore_index), reduction=reduction, chunk_size=check_chunk_size(chunk_size),
-                    denominator=resolve_denominator(reduction, num_items_in_batch, _n_valid(flat_labels, ignore_index)))
+                    denominator=resolve_denominator(reduction, num_items_in_batch, _n_valid(flat_labels, ignore_index)),
+                    shard=shard)
     return KDBatch(head, flat_labels, lead_shape=lead), spec
 
 
@@ -317,12 +333,14 @@ def prepare_kd(
     proxy_bias: Tensor | None,
     chunk_size: int | None,
     nll_weight: float = 1.0,
+    vocab_parallel_group: object = None,
 ) -> tuple[KDBatch, LossSpec]:
     """Validate a fused NLL + KD call (`proxy_kd_loss`'s arguments) and return the flat batch plus options."""
     student, lead = prepare_head("student_hidden", student_hidden, "student_weight", student_weight,
                                  "student_bias", student_bias)
     device = student.hidden.device
-    flat_labels = prepare_labels(labels, student, lead, ignore_index)
+    shard = prepare_shard(vocab_parallel_group, student)
+    flat_labels = prepare_labels(labels, student, lead, ignore_index, shard)
     reduction = check_reduction(reduction)
     chunk_size = check_chunk_size(chunk_size)
     if divergence is None:
@@ -355,8 +373,8 @@ def prepare_kd(
     if online:
         proxy = _online_proxy(proxy_hidden, proxy_weight, proxy_bias, lead, student.vocab, device)
     else:
-        ids, lps = _offline_targets(proxy_topk_ids, proxy_topk_logprobs, divergence, proxy_bias, lead, student.vocab,
-                                    device)
+        ids, lps = _offline_targets(proxy_topk_ids, proxy_topk_logprobs, divergence, proxy_bias, lead,
+                                    student.vocab if shard is None else shard.vocab, device)
     batch = KDBatch(student, flat_labels, proxy, ids, lps, expand_sample_weight(sample_weight, lead, device), lead)
     spec = LossSpec(
         alpha=alpha,
@@ -369,5 +387,6 @@ def prepare_kd(
         reduction=reduction,
         denominator=resolve_denominator(reduction, num_items_in_batch, _n_valid(flat_labels, ignore_index)),
         chunk_size=chunk_size,
+        shard=shard,
     )
     return batch, spec

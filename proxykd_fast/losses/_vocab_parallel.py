@@ -15,6 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+try:
+    from torch.distributed import ProcessGroup
+except ImportError:  # torch built without distributed support
+    ProcessGroup = object  # noqa: N816
+
 
 @dataclass(frozen=True)
 class VocabShard:
@@ -90,7 +95,14 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.scale, None
 
 
-def gather_dtensor(weight: Tensor, compute_dtype: torch.dtype | None) -> Tensor:
+def compute_dtype(hidden: Tensor | None) -> torch.dtype | None:
+    """The dtype a gathered head weight is used in: the hidden states' low precision, else its own."""
+    if isinstance(hidden, Tensor) and hidden.dtype in (torch.bfloat16, torch.float16):
+        return hidden.dtype
+    return None
+
+
+def gather_dtensor(weight: Tensor | None, compute_dtype: torch.dtype | None) -> Tensor | None:
     """A DTensor head weight (FSDP2-sharded, or a tied embedding) gathered once, in the compute dtype.
 
     The shards are cast to `compute_dtype` before the all-gather (under MixedPrecisionPolicy that is the
@@ -102,7 +114,7 @@ def gather_dtensor(weight: Tensor, compute_dtype: torch.dtype | None) -> Tensor:
         from torch.distributed.tensor import DTensor, Partial
     except ImportError:  # torch without DTensor
         return weight
-    if not isinstance(weight, DTensor):
+    if weight is None or not isinstance(weight, DTensor):
         return weight
     if compute_dtype is not None and weight.dtype != compute_dtype:
         weight = weight.to(compute_dtype)
