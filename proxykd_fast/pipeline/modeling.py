@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,14 +25,39 @@ def load_tokenizer(path: str) -> Any:
     return tok
 
 
-def load_model(path: str, dtype: str = "float32") -> nn.Module:
-    """Load an `AutoModelForCausalLM` and check that the fused losses can reproduce its logits."""
-    from transformers import AutoModelForCausalLM
+def load_model(path: str, dtype: str = "float32", attn_implementation: str = "sdpa", meta: bool = False) -> nn.Module:
+    """Load an `AutoModelForCausalLM` and check that the fused losses can reproduce its logits.
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    `meta`: build it from its config on the meta device instead (no weights read; what FSDP's non-main ranks do
+    before the main one broadcasts its weights), so only the config-level checks run.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_attn_implementation(attn_implementation)
+    if meta:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
+                                                     attn_implementation=attn_implementation)
+        check_supported(model)
+        return model
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                 attn_implementation=attn_implementation)
     check_supported(model)
     check_head_matches_logits(model, path)
     return model
+
+
+def check_attn_implementation(name: str) -> None:
+    """Refuse an attention implementation this machine cannot run, before any model is loaded."""
+    if name != "flash_attention_2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        raise PipelineError(
+            "--attn-implementation flash_attention_2 needs the flash-attn package (pip install flash-attn) and a "
+            "CUDA GPU, which this machine does not have: use sdpa (the default) or eager")
 
 
 SOFTCAPPING_KEYS = ("final_logit_softcapping", "attn_logit_softcapping_final")
@@ -121,6 +147,9 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+causal_lm = _causal_lm
+
+
 def backbone(model: nn.Module) -> nn.Module:
     """The decoder stack that returns the last hidden state (before the lm_head)."""
     lm = _causal_lm(model)
@@ -150,35 +179,75 @@ def vocab_size(model: nn.Module) -> int:
 
 
 class HiddenAndHead(nn.Module):
-    """Wrap a causal LM so that forward returns (last hidden state, head weight, head bias).
+    """Wrap a causal LM so that forward returns (last hidden state, head weight, head bias), or runs a loss on them.
 
-    Training calls go through this module's forward, so DDP/accelerate hooks fire, and the
-    fused losses then read the head without any [tokens x vocab] logits. With `autocast` (e.g.
-    torch.bfloat16) the backbone runs under torch.autocast and its hidden states come back in the
-    head's dtype, so the fused losses and the head stay in the weights' precision.
+    Training calls go through this module's forward with `head_fn`, so the fused loss runs inside it:
+    DDP's hooks fire, and under FSDP2 (this module is the root unit, holding the embeddings and the
+    head) the head weight is the gathered one and its gradient is reduce-scattered by FSDP itself. The
+    losses read the head without any [tokens x vocab] logits. With `autocast` (e.g. torch.bfloat16) the
+    backbone runs under torch.autocast and the hidden states, head weight and bias reach the loss in that
+    dtype, as autocast would run the head's matmul (the loss accumulates in fp32; the fp32 master weight
+    gets the gradient). With `packing` the batch's samples run concatenated (see `pack_batch`).
     """
 
-    def __init__(self, model: nn.Module, autocast: torch.dtype | None = None) -> None:
+    def __init__(self, model: nn.Module, autocast: torch.dtype | None = None, packing: bool = False) -> None:
         super().__init__()
         check_supported(model)
         self.model = model
         self.autocast = autocast
+        self.packing = packing
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Backbone hidden states (scaled by logit_scale) and the head parameters."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                head_fn: Callable[[Tensor, Tensor, Tensor | None], Any] | None = None) -> Any:
+        """Backbone hidden states (scaled by logit_scale) and the head parameters, or `head_fn` of them."""
         weight, bias = head_params(self.model)
         if self.autocast is None:
-            out = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = self._hidden(input_ids, attention_mask)
         else:
             with torch.autocast(device_type=input_ids.device.type, dtype=self.autocast):
-                out = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        if self.autocast is not None:
-            hidden = hidden.to(weight.dtype)
+                hidden = self._hidden(input_ids, attention_mask)
+            hidden, weight = hidden.to(self.autocast), weight.to(self.autocast)
+            bias = None if bias is None else bias.to(self.autocast)
         scale = logit_scale(self.model)
         if scale != 1.0:
             hidden = hidden * scale
-        return hidden, weight, bias
+        return (hidden, weight, bias) if head_fn is None else head_fn(hidden, weight, bias)
+
+    def _hidden(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """The backbone's last hidden state [B, T, H] (padding-free inside when packing)."""
+        dec = backbone(self.model)
+        if self.packing and attention_mask is not None and input_ids.shape[0] > 1:
+            flat, positions, keep = pack_batch(input_ids, attention_mask)
+            out = dec(input_ids=flat, position_ids=positions, attention_mask=None, use_cache=False)
+            packed = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            return unpack_hidden(packed, keep)
+        out = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    def generate(self, **kwargs: Any) -> Any:
+        """The wrapped model's `generate` (registered as a forward method under FSDP, so the root is gathered)."""
+        if self.autocast is None:
+            return self.model.generate(**kwargs)
+        with torch.autocast(device_type=kwargs["input_ids"].device.type, dtype=self.autocast):
+            return self.model.generate(**kwargs)
+
+
+def pack_batch(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids [1, N], position ids [1, N] restarting at 0 in every sample, keep mask [B, T]) of a padded batch.
+
+    The N = attention_mask.sum() real tokens of the rows are concatenated row after row; with position
+    ids and no attention mask, transformers builds a block-diagonal causal mask (sdpa, eager) or runs
+    the varlen kernels (flash_attention_2), so no token attends across a sample boundary.
+    """
+    keep = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return input_ids[keep][None], positions[keep][None], keep
+
+
+def unpack_hidden(packed: Tensor, keep: Tensor) -> Tensor:
+    """The packed hidden states [1, N, H] back in the batch's padded layout [B, T, H] (zeros at padding)."""
+    out = packed.new_zeros((*keep.shape, packed.shape[-1]))
+    return out.masked_scatter(keep[..., None], packed[0])
 
 
 def check_same_vocab(a: Any, b: Any, names: tuple[str, str] = ("proxy", "student")) -> None:
