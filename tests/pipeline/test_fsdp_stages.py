@@ -19,6 +19,8 @@ from tests.support.distributed import single_process, spawn
 from tests.support.pipeline_data import tiny_model, write_data
 
 WORLD = 2
+ALL = ("precompute", "offline", "online", "align", "eval", "bf16", "fp16")
+MIXED = ("precompute", "bf16", "fp16")  # what the one-process --fsdp reference runs
 
 
 @pytest.fixture(scope="module")
@@ -49,22 +51,26 @@ def _configs(files: dict[str, Path], out: Path, world: int) -> dict[str, Any]:
                                   align_split="0.5:1", warmup_steps_sft=2, rounds=1, round_steps=2, beta=0.5,
                                   gen_batch_size=5, gen_max_new_tokens=4, output_dir=str(out / "align"),
                                   **{**common, "fsdp": "shard_grad_op" if world > 1 else False}),
+        # FSDP2's MixedPrecisionPolicy (bf16 / fp16 compute, fp32 master weights, fp16 loss scaling): compared
+        # with the same run on one process under --fsdp
+        "bf16": DistillConfig(student=str(files["student"]), targets=str(out / "targets"), max_steps=2,
+                              mixed_precision="bf16", output_dir=str(out / "bf16"), **{**common, "fsdp": True}),
+        "fp16": DistillConfig(student=str(files["student"]), targets=str(out / "targets"), max_steps=4, fp16=True,
+                              alpha=1.0, output_dir=str(out / "fp16"), **{**common, "fsdp": True}),
         "eval": EvalConfig(model=str(files["student"]), reference=str(files["proxy"]), data=str(files["val"]),
                            batch_size=4, num_samples=3, max_new_tokens=4, output=str(out / "eval.json"), **fsdp),
     }
 
 
-def _pipeline(files: dict[str, Path], out: Path, world: int) -> None:
-    """Run every stage of `_configs` (all processes call this)."""
+def _pipeline(files: dict[str, Path], out: Path, world: int, stages: tuple[str, ...] = ALL) -> None:
+    """Run the stages of `_configs` named in `stages` (all processes call this)."""
     import torch.distributed as dist
 
     from proxykd_fast.pipeline import align_proxy, distill, evaluate, precompute
 
     cfgs = _configs(files, out, world)
-    precompute(cfgs["precompute"])
-    summaries = {"offline": distill(cfgs["offline"]), "online": distill(cfgs["online"]),
-                 "align": align_proxy(cfgs["align"])}
-    evaluate(cfgs["eval"])
+    run = {"precompute": precompute, "eval": evaluate, "align": align_proxy}
+    summaries = {name: run.get(name, distill)(cfgs[name]) for name in stages}
     if not dist.is_initialized() or dist.get_rank() == 0:
         (out / "summaries.json").write_text(json.dumps(summaries, sort_keys=True))
 
@@ -78,8 +84,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_every_stage_under_fsdp2_equals_the_single_process_run(files: dict[str, Path]) -> None:
     root = files["root"]
     spawn(_pipeline, WORLD, root, files, root / "fsdp", WORLD)
+    spawn(_pipeline, 1, root, files, root / "fsdp1", 1, MIXED)
     with single_process():
-        _pipeline(files, root / "single", 1)
+        _pipeline(files, root / "single", 1, ALL[:-2])
     one, two = root / "single", root / "fsdp"
 
     # precompute: the same files, byte for byte
@@ -101,6 +108,28 @@ def test_every_stage_under_fsdp2_equals_the_single_process_run(files: dict[str, 
     # the sharded proxy sampled the same rejected answers (each prompt chunk under its own seed)
     rejected = [json.loads((d / "align" / "round-1" / "rejected.json").read_text()) for d in (one, two)]
     assert rejected[0] == rejected[1] and len(rejected[0]) == 12
+
+    # mixed precision: 2 processes train as 1 under the same policy (bf16 / fp16 compute, fp32 master weights).
+    # The gathered parameters' gradients are bf16 / fp16 sums whose rounding depends on how the batch is split,
+    # so the per-step losses, gradient norms and held-out NLL are compared (and Adam's sign-like updates of the
+    # tiniest gradients are not).
+    from proxykd_fast.pipeline.metrics import read_metrics
+
+    start = _weights(files["student"])
+    for stage in ("bf16", "fp16"):
+        rows = [read_metrics(d / stage / "metrics.jsonl") for d in (root / "fsdp1", two)]
+        for key in ("loss", "grad_norm", "eval_nll"):
+            want = [r[key] for r in rows[0] if key in r]
+            assert want and [r[key] for r in rows[1] if key in r] == pytest.approx(
+                want, rel=1e-3, nan_ok=True), f"{stage}: {key}"
+        trained = _weights(two / stage)
+        assert all(v.dtype == torch.float32 for v in trained.values())
+        assert max(float((trained[k] - start[k]).abs().max()) for k in start) > 1e-4, f"{stage}: no step was taken"
+    scaled = read_metrics(two / "fp16" / "metrics.jsonl")
+    assert all(r["loss_scale"] >= 1 for r in scaled) and not scaled[-1]["step_skipped"]
+    fp32 = read_metrics(one / "offline" / "metrics.jsonl")[0]["loss"]  # the same first batch and weights in fp32
+    bf16 = read_metrics(two / "bf16" / "metrics.jsonl")[0]["loss"]
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=2e-2)
 
     # eval: the same numbers and greedy generations
     e1, e2 = (json.loads((d / "eval.json").read_text()) for d in (one, two))
