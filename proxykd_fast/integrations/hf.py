@@ -242,11 +242,22 @@ def _without_logits(out: Any, loss: Tensor) -> Any:
     return type(out)(loss=loss, **fields)
 
 
-def _fused_forward(original: Callable[..., Any], backend: str, chunk_size: int | None) -> Callable[..., Any]:
-    """A forward that computes the CE loss inside the head's call when labels are given, else `original`."""
+def _original_forward(model: nn.Module) -> Callable[..., Any]:
+    """The forward the fused one stands in for (an earlier instance-level wrapper, or the class's)."""
+    kept = model.__dict__[_FUSED_ATTR]["forward"]
+    return kept if kept is not None else types.MethodType(type(model).forward, model)
+
+
+def _fused_forward() -> Callable[..., Any]:
+    """A forward that computes the CE loss inside the head's call when labels are given, else the original.
+
+    Its state lives on the model (not in a closure), so `copy.deepcopy(model)` gives a copy that runs itself.
+    """
 
     def forward(self: nn.Module, *args: Any, labels: Tensor | None = None, num_items_in_batch: Any = None,
                 **kwargs: Any) -> Any:
+        state = self.__dict__[_FUSED_ATTR]
+        backend, chunk_size, original = state["backend"], state["chunk_size"], _original_forward(self)
         targets = kwargs.pop("shift_labels", None)  # pre-shifted labels (context/sequence parallel collators)
         if labels is None and targets is None:
             if num_items_in_batch is not None:
@@ -297,11 +308,10 @@ def fuse_lm_head(model: nn.Module, *, backend: str = "auto", chunk_size: int | N
         check_head_matches_logits(lm)
     if getattr(lm, _FUSED_ATTR, None) is not None:
         unfuse_lm_head(lm)
-    had_own = "forward" in lm.__dict__
-    original = lm.forward  # bound; an instance-level wrapper (e.g. accelerate's autocast) is kept underneath
-    fused = functools.wraps(type(lm).forward)(_fused_forward(original, backend, chunk_size))
-    lm.forward = types.MethodType(fused, lm)
-    setattr(lm, _FUSED_ATTR, {"forward": original if had_own else None, "backend": backend, "chunk_size": chunk_size})
+    # An instance-level wrapper already there (e.g. accelerate's autocast) is kept underneath.
+    own = lm.__dict__.get("forward")
+    setattr(lm, _FUSED_ATTR, {"forward": own, "backend": backend, "chunk_size": chunk_size})
+    lm.forward = types.MethodType(functools.wraps(type(lm).forward)(_fused_forward()), lm)
     return model
 
 

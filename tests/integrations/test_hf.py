@@ -134,6 +134,19 @@ def test_tuple_output_and_unfuse() -> None:
         unfuse_lm_head(model)
 
 
+def test_a_deep_copy_of_a_fused_model_runs_on_its_own_weights() -> None:
+    import copy
+
+    model = fuse_lm_head(build("llama"), backend="torch")
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.lm_head.weight.mul_(3.0)
+    b = batch()
+    want = _reference(unfuse_lm_head(copy.deepcopy(clone)), b)
+    _assert_same(_fused(clone, b), want)
+    assert not torch.allclose(model(**b).loss, clone(**b).loss)
+
+
 def test_autocast_of_a_prepared_model_applies_to_the_hidden_states() -> None:
     """The bug users hit: the backbone called directly skips the autocast that accelerate put on forward."""
     from accelerate import Accelerator

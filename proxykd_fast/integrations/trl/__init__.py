@@ -8,8 +8,9 @@ top-k targets), `DPOTrainer` -> `ProxyDPOTrainer`. `align_proxy` runs the paper'
 from .data import ProxyTargetsCollator, align_topk, load_precomputed
 from .dpo import ProxyDPOConfig, ProxyDPOTrainer
 from .kd import ProxyKDConfig, ProxyKDTrainer
+from .recipe import align_proxy, sample_completions
 
 __all__ = [
-    "ProxyDPOConfig", "ProxyDPOTrainer", "ProxyKDConfig", "ProxyKDTrainer", "ProxyTargetsCollator", "align_topk",
-    "load_precomputed",
+    "ProxyDPOConfig", "ProxyDPOTrainer", "ProxyKDConfig", "ProxyKDTrainer", "ProxyTargetsCollator", "align_proxy",
+    "align_topk", "load_precomputed", "sample_completions",
 ]
