@@ -31,8 +31,9 @@ from _cpu_measure import MALLOC_ENV, measure
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PAIRS = {"SFT": ("sft_trl", "sft_ours"), "DPO": ("dpo_trl", "dpo_ours"), "KD": ("kd_trl", "kd_ours")}
-VARIANTS = tuple(v for pair in PAIRS.values() for v in pair)
+PAIRS = {"SFT": ("sft_trl", "sft_ours"), "DPO": ("dpo_trl", "dpo_ours"), "KD": ("kd_trl", "kd_ours"),
+         "SFT, token metrics every step": ("sft_trl", "sft_oursmetrics")}
+VARIANTS = tuple(dict.fromkeys(v for pair in PAIRS.values() for v in pair))
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                vocab_size=49152, max_position_embeddings=2048, rope_theta=100000.0, rms_norm_eps=1e-5,
                tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -79,17 +80,23 @@ def _dummy(kind: str):  # noqa: ANN202
     return Dataset.from_list([{"prompt": "t1 t2", "completion": " t3 t4"}] * 4)
 
 
+def trl_only(opts: dict) -> dict:
+    """The options TRL's own configs take (ours add token_metrics)."""
+    return {k: v for k, v in opts.items() if k != "token_metrics"}
+
+
 def make_step(variant: str, args: argparse.Namespace):  # noqa: ANN201
     """(step closure returning the loss, settle function) for one variant."""
-    import torch
 
     common = dict(report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True,
                   per_device_train_batch_size=args.batch, max_length=None)
     out = f"/tmp/trl_bench_{variant}"
     tok = _tokenizer()
     policy = build_model(args.layers, 0)
-    kind = variant.split("_")[0]
-    side = variant.split("_")[1]
+    kind, side = variant.split("_")
+    if side == "oursmetrics":  # ours computing entropy / accuracy on every step, as TRL does
+        common["token_metrics"] = "every_step"
+    side = side[:4]
     b = build_batch(args.batch * (2 if kind == "dpo" else 1), args.seq, args.prompt)
     labels = b["input_ids"].masked_fill(b["completion_mask"] == 0, -100)
     n_items = int((labels[:, 1:] != -100).sum())
@@ -98,7 +105,7 @@ def make_step(variant: str, args: argparse.Namespace):  # noqa: ANN201
         if side == "trl":
             from trl import SFTConfig, SFTTrainer
 
-            trainer = SFTTrainer(policy, args=SFTConfig(out, **common), train_dataset=_dummy("sft"),
+            trainer = SFTTrainer(policy, args=SFTConfig(out, **trl_only(common)), train_dataset=_dummy("sft"),
                                  processing_class=tok)
         else:
             from proxykd_fast.integrations.trl import ProxyKDConfig, ProxyKDTrainer
@@ -112,7 +119,7 @@ def make_step(variant: str, args: argparse.Namespace):  # noqa: ANN201
         if side == "trl":
             from trl import DPOConfig, DPOTrainer
 
-            trainer = DPOTrainer(policy, ref_model=ref, args=DPOConfig(out, **opts), train_dataset=_dummy("dpo"),
+            trainer = DPOTrainer(policy, ref_model=ref, args=DPOConfig(out, **trl_only(opts)), train_dataset=_dummy("dpo"),
                                  processing_class=tok)
         else:
             from proxykd_fast.integrations.trl import ProxyDPOConfig, ProxyDPOTrainer
@@ -125,7 +132,7 @@ def make_step(variant: str, args: argparse.Namespace):  # noqa: ANN201
         if side == "trl":
             from trl import DistillationConfig, DistillationTrainer
 
-            cfg = DistillationConfig(out, beta=0.0, temperature=1.0, **{k: v for k, v in common.items()
+            cfg = DistillationConfig(out, beta=0.0, temperature=1.0, **{k: v for k, v in trl_only(common).items()
                                                                        if k != "max_length"})
             trainer = DistillationTrainer(policy, teacher_model=teacher, args=cfg, train_dataset=_dummy("sft"),
                                           processing_class=tok)

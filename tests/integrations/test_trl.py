@@ -223,6 +223,23 @@ def test_training_logs_trl_metric_names(tok: Any, tmp_path: Path) -> None:
     assert logged["num_tokens"] > 0
 
 
+@pytest.mark.parametrize("policy,calls", [("logging_steps", 2), ("every_step", 4), ("off", 0)])
+def test_token_metrics_cost_a_pass_only_on_logged_steps(tok: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        policy: str, calls: int) -> None:
+    import proxykd_fast.integrations.trl.kd as kd_module
+
+    seen = []
+    real = kd_module.token_stats
+    monkeypatch.setattr(kd_module, "token_stats", lambda *a, **k: seen.append(1) or real(*a, **k))
+    cfg = ProxyKDConfig(str(tmp_path), per_device_train_batch_size=2, max_steps=4, alpha=0.0,
+                        token_metrics=policy, **{**COMMON, "logging_steps": 2})
+    trainer = ProxyKDTrainer(_model(tok, 0), args=cfg, train_dataset=_sft_rows(), processing_class=tok)
+    trainer.train()
+    assert len(seen) == calls
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(("entropy" in h) == (policy != "off") for h in logs)
+
+
 def test_bad_configurations(tok: Any, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="divergence"):
         ProxyKDConfig(str(tmp_path), divergence="kl", **COMMON)
@@ -230,6 +247,8 @@ def test_bad_configurations(tok: Any, tmp_path: Path) -> None:
         ProxyKDConfig(str(tmp_path), alpha=0.0, nll_weight=0.0, **COMMON)
     with pytest.raises(ValueError, match="weight_stats"):
         ProxyKDConfig(str(tmp_path), weight_stats="global", **COMMON)
+    with pytest.raises(ValueError, match="token_metrics"):
+        ProxyKDConfig(str(tmp_path), token_metrics="sometimes", **COMMON)
     cfg = ProxyKDConfig(str(tmp_path), **COMMON)
     with pytest.raises(ValueError, match="needs a proxy"):
         ProxyKDTrainer(_model(tok, 0), args=cfg, train_dataset=_sft_rows(), processing_class=tok)

@@ -21,7 +21,7 @@ from trl import DPOConfig, DPOTrainer
 from proxykd_fast.integrations.hf import hidden_and_head, shift_labels
 from proxykd_fast.losses import BACKENDS, dpo_loss, sequence_log_probs
 
-from .metrics import token_stats
+from .metrics import TOKEN_METRICS, token_metrics_due, token_stats
 
 PREFERENCE_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -33,11 +33,15 @@ class ProxyDPOConfig(DPOConfig):
 
     chunk_size: int | None = field(default=None, metadata={"help": "Tokens per logits chunk (None: automatic)."})
     backend: str = field(default="auto", metadata={"help": f"Loss backend, one of {BACKENDS}."})
+    token_metrics: str = field(default="logging_steps", metadata={
+        "help": "entropy / mean_token_accuracy (one no-grad GEMM pass): on logged steps, every_step, or off."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.token_metrics not in TOKEN_METRICS:
+            raise ValueError(f"token_metrics must be one of {TOKEN_METRICS}, got {self.token_metrics!r}")
 
 
 def _loss_plan(args: DPOConfig) -> tuple[str, float, float]:
@@ -131,6 +135,7 @@ class ProxyDPOTrainer(DPOTrainer):
                 rh, rw, rb = hidden_and_head(self.ref_model or model, **model_inputs)
             ref.update(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
         smoothing = self.label_smoothing if loss_type == "robust" else 0.0  # TRL smooths only robust (and EXO)
+        due = token_metrics_due(self)
 
         def head_fn(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, dict[str, Tensor], Any]:
             t = targets.to(hidden.device)
@@ -140,7 +145,7 @@ class ProxyDPOTrainer(DPOTrainer):
             loss, metrics = dpo_loss(hidden, weight, t, beta=self.beta, loss_type=loss_type, nll_alpha=nll_alpha,
                                      label_smoothing=smoothing, bias=bias, chunk_size=self._chunk_size,
                                      backend=self._backend, **ref)
-            return loss, metrics, token_stats(hidden, weight, bias, t)
+            return loss, metrics, token_stats(hidden, weight, bias, t) if due else (None, None)
 
         loss, metrics, (stats, mask) = hidden_and_head(model, fn=head_fn, **model_inputs)
         loss = loss * w_pref
@@ -154,6 +159,17 @@ class ProxyDPOTrainer(DPOTrainer):
         """DPOTrainer's metrics, reduced over processes the way it reduces them."""
         gather = self.accelerator.gather_for_metrics
         device = self.accelerator.device
+        m = self._metrics[mode]
+        if mode == "train":
+            self._total_train_tokens += int(gather(inputs["attention_mask"].sum()).sum()) // self._tp_size
+        m["num_tokens"] = [self._total_train_tokens]
+        names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected")
+        values = gather(torch.stack([metrics[k].double() for k in names]).to(device)[None]).mean(0).tolist()
+        for k, v in zip(names, values):
+            m[k].append(v)
+        if stats is None:  # token statistics only on the logged steps (token_metrics)
+            return
         pairs = mask.shape[0] // 2
         row = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
         chosen = (row < pairs).to(stats.mean_logit.device)
@@ -165,16 +181,7 @@ class ProxyDPOTrainer(DPOTrainer):
             (stats.is_top1 & chosen).double().sum(),
         ]).to(device)
         ent, n_tok, lc, nc, lr, nr, correct = gather(local[None]).sum(0).tolist()
-        m = self._metrics[mode]
         m["entropy"].append(ent / n_tok if n_tok else 0.0)
-        if mode == "train":
-            self._total_train_tokens += int(gather(inputs["attention_mask"].sum()).sum()) // self._tp_size
-        m["num_tokens"] = [self._total_train_tokens]
         m["logits/chosen"].append(lc / nc if nc else 0.0)
         m["logits/rejected"].append(lr / nr if nr else 0.0)
         m["mean_token_accuracy"].append(correct / nc if nc else 0.0)
-        names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                 "logps/rejected")
-        values = gather(torch.stack([metrics[k].double() for k in names]).to(device)[None]).mean(0).tolist()
-        for k, v in zip(names, values):
-            m[k].append(v)

@@ -22,7 +22,7 @@ from proxykd_fast.integrations.hf import hidden_and_head, shift_labels, vocab_si
 from proxykd_fast.losses import BACKENDS, linear_cross_entropy, proxy_kd_loss, sequence_log_probs
 
 from .data import TARGET_COLUMNS, ProxyTargetsCollator
-from .metrics import token_stats
+from .metrics import TOKEN_METRICS, token_metrics_due, token_stats
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 MODEL_INPUT_SKIP = ("labels", *TARGET_COLUMNS)
@@ -49,6 +49,8 @@ class ProxyKDConfig(SFTConfig):
         "help": "kwargs for AutoModelForCausalLM.from_pretrained of the proxy."})
     chunk_size: int | None = field(default=None, metadata={"help": "Rows per logits chunk (None: automatic)."})
     backend: str = field(default="auto", metadata={"help": f"Loss backend, one of {BACKENDS}."})
+    token_metrics: str = field(default="logging_steps", metadata={
+        "help": "entropy / mean_token_accuracy (one no-grad GEMM pass): on logged steps, every_step, or off."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,6 +70,8 @@ class ProxyKDConfig(SFTConfig):
             raise ValueError(f"loglik must be 'sum' or 'mean', got {self.loglik!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.token_metrics not in TOKEN_METRICS:
+            raise ValueError(f"token_metrics must be one of {TOKEN_METRICS}, got {self.token_metrics!r}")
 
 
 def kd_objective(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None, nll_weight: float,
@@ -223,6 +227,7 @@ class ProxyKDTrainer(SFTTrainer):
         kd: dict[str, Any] = dict(temperature=args.temperature, divergence=args.divergence, jsd_beta=args.jsd_beta,
                                   chunk_size=args.chunk_size, backend=args.backend)
         weights = self._sample_weights(inputs, targets)
+        due = token_metrics_due(self)
         if args.alpha > 0 and self.proxy_model is not None:
             with torch.no_grad():
                 ph, pw, pb = hidden_and_head(self.proxy_model, **model_inputs)
@@ -235,7 +240,8 @@ class ProxyKDTrainer(SFTTrainer):
             loss, comp = kd_objective(hidden, weight, targets.to(hidden.device), bias=bias,
                                       nll_weight=args.nll_weight, alpha=args.alpha,
                                       num_items_in_batch=num_items_in_batch, sample_weight=weights, **kd)
-            stats, _ = token_stats(hidden, weight, bias, targets.to(hidden.device), chunk_rows=args.chunk_size)
+            stats = token_stats(hidden, weight, bias, targets.to(hidden.device), chunk_rows=args.chunk_size)[0] \
+                if due else None
             return loss, comp, stats
 
         loss, comp, stats = hidden_and_head(model, fn=head_fn, **model_inputs)
@@ -249,16 +255,19 @@ class ProxyKDTrainer(SFTTrainer):
         """TRL-style per-micro-batch metrics, summed over processes before the ratio."""
         gather = self.accelerator.gather_for_metrics
         device = self.accelerator.device
+        zero = torch.zeros((), dtype=torch.float64, device=device)
         local = torch.stack([comp["nll"].double().to(device), comp["kd"].double().to(device),
-                             stats.entropy.double().sum().to(device), stats.is_top1.double().sum().to(device),
+                             zero if stats is None else stats.entropy.double().sum().to(device),
+                             zero if stats is None else stats.is_top1.double().sum().to(device),
                              comp["valid_tokens"].double().to(device)])
         nll, kd, ent, correct, valid = gather(local[None]).sum(0).tolist()
         denom = max(valid, 1.0)
         m = self._metrics[mode]
         m["nll"].append(nll / denom)
         m["kd"].append(kd / denom)
-        m["entropy"].append(ent / denom if valid else 0.0)
-        m["mean_token_accuracy"].append(correct / denom if valid else 0.0)
+        if stats is not None:  # computed on the logged steps only (token_metrics)
+            m["entropy"].append(ent / denom if valid else 0.0)
+            m["mean_token_accuracy"].append(correct / denom if valid else 0.0)
         w = torch.ones(inputs["labels"].shape[0], device=device) if weights is None else weights.float().to(device)
         m["weight_mean"].append(float(gather(w).mean()))
         if mode == "train":

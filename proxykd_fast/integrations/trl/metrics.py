@@ -7,12 +7,35 @@ with at most `chunk_rows` x V logits alive at a time. Statistics only: nothing h
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 CHUNK_BYTES = 64 << 20  # fp32 logits per chunk
+TOKEN_METRICS = ("logging_steps", "every_step", "off")
+
+
+def token_metrics_due(trainer: Any) -> bool:
+    """Whether this micro-batch's token statistics are wanted (they cost one no-grad GEMM pass).
+
+    `token_metrics="logging_steps"` (default): only on the optimizer steps that will be logged (and
+    always in evaluation), so they are nearly free; "every_step": TRL's behaviour; "off": never.
+    """
+    policy = getattr(trainer.args, "token_metrics", "logging_steps")
+    if policy == "off":
+        return False
+    if policy == "every_step" or not trainer.model.training:
+        return True
+    args, state = trainer.args, trainer.state
+    if str(getattr(args.logging_strategy, "value", args.logging_strategy)) != "steps":
+        return True
+    every = args.logging_steps  # a float < 1 is a fraction of the run, as Trainer reads it
+    every = max(1, int(every if every >= 1 else math.ceil((state.max_steps or 1) * every)))
+    step = state.global_step + 1
+    return step % every == 0 or (bool(args.logging_first_step) and state.global_step == 0)
 
 
 @dataclass
