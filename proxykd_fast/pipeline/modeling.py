@@ -57,6 +57,7 @@ head_params = _pipeline_errors(hf.head_params)
 vocab_size = _pipeline_errors(hf.vocab_size)
 logit_scale = hf.logit_scale
 _unwrap = hf.unwrap
+_hidden_and_head = _pipeline_errors(hf.hidden_and_head)
 
 
 class HiddenAndHead(nn.Module):
@@ -74,7 +75,7 @@ class HiddenAndHead(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Hidden states (scaled by logit_scale) and the head parameters."""
-        return _pipeline_errors(hf.hidden_and_head)(self.model, input_ids, attention_mask)
+        return _hidden_and_head(self.model, input_ids, attention_mask)
 
 
 def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
