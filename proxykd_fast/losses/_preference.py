@@ -16,10 +16,9 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _engine
-from ._spec import Head, accumulation_dtype
+from ._spec import Head, accumulation_dtype, first_order_only
 
 
 class TokenRows(Protocol):
@@ -153,7 +152,7 @@ class FusedSequenceLoss(torch.autograd.Function):
         return obj.total(sums).to(out_dtype), sums
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_loss, _grad_sums):  # noqa: ANN001, ANN205, D102
         dh, dw, db = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _engine
 from ._gemm import default_chunk_rows
-from ._spec import EpilogueArgs, Head, KDBatch, LossSpec, accumulation_dtype
+from ._spec import EpilogueArgs, Head, KDBatch, LossSpec, accumulation_dtype, first_order_only
 
 
 class RowEpilogue(Protocol):
@@ -58,10 +58,11 @@ class _RowLosses:
         ids = lps = None
         if batch.topk_ids is not None:
             ids, lps = chunk.take(batch.topk_ids), chunk.take(batch.topk_logprobs).to(acc)
-        args = EpilogueArgs(S, P, R, y_safe, ids, lps, g, g * kd_scale, self.need_grad)
+        c_nll = g if spec.nll_weight == 1.0 else g * spec.nll_weight
+        args = EpilogueArgs(S, P, R, y_safe, ids, lps, c_nll, g * kd_scale, self.need_grad)
         nll, kd = self.epilogue(args, spec)
         nll = nll * validf
-        loss = nll
+        loss = nll if spec.nll_weight == 1.0 else nll * spec.nll_weight
         self.nll_sum += nll.sum(dtype=torch.float64)
         if kd is not None:
             kd = kd * validf
@@ -138,6 +139,7 @@ class FusedRowLoss(torch.autograd.Function):
         return loss, res.nll_sum, res.kd_sum
 
     @staticmethod
+    @first_order_only  # the gradient is computed by the engine, not by autograd
     def backward(ctx, grad_loss, _g_nll, _g_kd):  # noqa: ANN001, ANN205, D102
         _, w_dtype, b_dtype = ctx.dtypes
         if ctx.spec.reduction != "none":
@@ -166,6 +168,81 @@ def fused_log_probs(head: Head, labels: Tensor, temperature: float, ignore_index
     spec = LossSpec(ignore_index=ignore_index, reduction="none", chunk_size=chunk_size, logit_scale=1.0 / temperature)
     rows, _, _ = FusedRowLoss.apply(head.hidden, head.weight, head.bias, KDBatch(head, labels), spec, epilogue)
     return -rows
+
+
+class _LogProbsEntropy:
+    """The engine's per-chunk step of per-token log-probs and entropy of softmax(scale * z), and their dlogits.
+
+    Buffers: S (logits, then log q, then dlogits) and R (q). With upstream gradients g_lp, g_h:
+    d/dz = scale * (g_lp (onehot(y) - q) - g_h q (log q + H)).
+    """
+
+    def __init__(self, labels: Tensor, scale: float, ignore_index: int, grads: tuple[Tensor, Tensor] | None,
+                 acc: torch.dtype) -> None:
+        n, device = labels.shape[0], labels.device
+        self.labels, self.scale, self.ignore_index, self.grads = labels, scale, ignore_index, grads
+        self.logp = torch.zeros(n, device=device, dtype=acc)
+        self.entropy = torch.zeros(n, device=device, dtype=acc)
+
+    def __call__(self, chunk: _engine.Chunk, S: Tensor, P: Tensor | None, R: Tensor | None) -> bool:
+        from ._epilogue_torch import rowdot, zero_where_zero
+
+        y = chunk.take(self.labels)
+        if self.scale != 1.0:
+            S.mul_(self.scale)
+        torch.log_softmax(S, 1, out=S)  # log q
+        lp = S.gather(1, y[:, None]).view(-1)
+        torch.exp(S, out=R)  # q
+        h = -rowdot(R, S)
+        rows = chunk.rows if chunk.rows is not None else slice(chunk.start, chunk.stop)
+        self.logp[rows] = lp
+        self.entropy[rows] = h
+        if self.grads is None:
+            return False
+        g_lp, g_h = (chunk.take(g).to(S.dtype) for g in self.grads)
+        S.add_(h[:, None]).mul_(g_h[:, None]).add_(g_lp[:, None])  # g_lp + g_h (log q + H)
+        zero_where_zero(S.mul_(R), R).mul_(-self.scale)
+        S.scatter_add_(1, y[:, None], (g_lp * self.scale)[:, None])
+        return True
+
+
+def _log_probs_entropy_pass(head: Head, labels: Tensor, temperature: float, ignore_index: int,
+                            chunk_size: int | None, grads: tuple[Tensor, Tensor] | None,
+                            need: tuple[bool, bool, bool]) -> tuple[_LogProbsEntropy, _engine.Gradients]:
+    """One engine pass over the non-ignored rows (two [C, V] buffers per chunk)."""
+    acc = accumulation_dtype(head.hidden, head.weight)
+    order = _engine.kept_rows(labels != ignore_index)
+    n = labels.shape[0]
+    m = n if order is None else order.numel()
+    rows = chunk_size or default_chunk_rows(head.hidden.device, 2, head.vocab, m)
+    step = _LogProbsEntropy(labels, 1.0 / temperature, ignore_index, grads, acc)
+    with_grad = grads is not None
+    out = _engine.run(_engine.row_chunks(n, rows, order), head, step, acc_dtype=acc, nbuf=2,
+                      grad_hidden=with_grad and need[0], grad_weight=with_grad and need[1],
+                      grad_bias=with_grad and need[2])
+    return step, out
+
+
+class FusedLogProbsEntropy(torch.autograd.Function):
+    """Per-token (log-prob, entropy), both differentiable; the backward recomputes the chunks."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, chunk_size):  # noqa: ANN001, ANN205, D102
+        step, _ = _log_probs_entropy_pass(Head(hidden, weight, bias), labels, temperature, ignore_index, chunk_size,
+                                          None, (False, False, False))
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.args = (temperature, ignore_index, chunk_size)
+        return step.logp, step.entropy
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, g_lp, g_h):  # noqa: ANN001, ANN205, D102
+        hidden, weight, bias, labels = ctx.saved_tensors
+        _, grads = _log_probs_entropy_pass(Head(hidden, weight, bias), labels, *ctx.args, (g_lp, g_h),
+                                           tuple(ctx.needs_input_grad[:3]))
+        dw = None if grads.weight is None else grads.weight.to(weight.dtype)
+        db = None if grads.bias is None else grads.bias.to(bias.dtype)
+        return grads.hidden, dw, db, None, None, None, None
 
 
 class _TopK:

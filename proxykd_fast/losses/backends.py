@@ -61,6 +61,15 @@ class Backend:
             return out
         return _rows.fused_log_probs(head, labels, temperature, ignore_index, chunk_size, self.row_epilogue)
 
+    def log_probs_entropy(self, head: Head, labels: Tensor, temperature: float, ignore_index: int,
+                          chunk_size: int | None) -> tuple[Tensor, Tensor]:
+        """Per-token log-probs and entropies of softmax(z/T), 0 on ignored rows; both differentiable.
+
+        Every chunked backend runs the torch step of the engine for it (two [C, V] buffers per chunk).
+        """
+        return _rows.FusedLogProbsEntropy.apply(head.hidden, head.weight, head.bias, labels, temperature,
+                                                ignore_index, chunk_size)
+
     def topk(self, head: Head, k: int, temperature: float, chunk_size: int | None) -> tuple[Tensor, Tensor]:
         """Top-k ids and log-probs of softmax(z/T) over the full vocabulary (no grad)."""
         if self.tile_fused is not None and (out := self.tile_fused.topk(head, k, temperature)) is not None:
@@ -123,6 +132,12 @@ class ReferenceBackend(Backend):
         from .reference import reference_log_probs
 
         return reference_log_probs(head.hidden, head.weight, head.bias, labels, temperature, ignore_index)
+
+    def log_probs_entropy(self, head: Head, labels: Tensor, temperature: float, ignore_index: int,  # noqa: D102
+                          chunk_size: int | None) -> tuple[Tensor, Tensor]:
+        from .reference import reference_log_probs_entropy
+
+        return reference_log_probs_entropy(head.hidden, head.weight, head.bias, labels, temperature, ignore_index)
 
     def topk(self, head: Head, k: int, temperature: float, chunk_size: int | None) -> tuple[Tensor, Tensor]:  # noqa: D102
         from .reference import reference_topk

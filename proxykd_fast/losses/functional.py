@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validation import check_chunk_size, check_temperature, prepare_ce, prepare_head, prepare_kd, prepare_labels
+from ._validation import (
+    check_chunk_size,
+    check_flag,
+    check_int,
+    check_temperature,
+    prepare_ce,
+    prepare_head,
+    prepare_kd,
+    prepare_labels,
+)
 from .backends import Backend, resolve
 
 
@@ -48,6 +57,7 @@ def proxy_kd_loss(
     proxy_topk_logprobs: Tensor | None = None,
     sample_weight: Tensor | None = None,
     alpha: float = 1.0,
+    nll_weight: float = 1.0,
     temperature: float = 1.0,
     divergence: str = "forward_kl",
     jsd_beta: float = 0.5,
@@ -60,18 +70,21 @@ def proxy_kd_loss(
     backend: str | Backend = "auto",
     return_components: bool = False,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """Proxy-KD loss: sum_i NLL_i + alpha * sum_i w_i * T^2 * D(p_i, q_i) over non-ignored rows.
+    """Proxy-KD loss: nll_weight * sum_i NLL_i + alpha * sum_i w_i * T^2 * D(p_i, q_i) over non-ignored rows.
 
     The proxy is online (`proxy_hidden` + `proxy_weight`, no gradient) or offline
-    (`proxy_topk_ids` + `proxy_topk_logprobs`, renormalized over the k entries). With
-    `return_components=True` also returns detached sums {"nll", "kd", "valid_tokens"} for logging.
+    (`proxy_topk_ids` + `proxy_topk_logprobs`, renormalized over the k entries). `nll_weight=0`
+    is KD alone (GKD / TRL distillation): the NLL adds nothing to the loss or its gradient (its
+    value, one logit per row, is still reported). `temperature` is at most 100 (beyond it T^2 * KD
+    has no fp32 precision left). With `return_components=True` also returns detached sums
+    {"nll", "kd", "valid_tokens"} (unweighted) for logging. Not twice differentiable.
     """
     batch, spec = prepare_kd(
         student_hidden, student_weight, labels, proxy_hidden=proxy_hidden, proxy_weight=proxy_weight,
         proxy_topk_ids=proxy_topk_ids, proxy_topk_logprobs=proxy_topk_logprobs, sample_weight=sample_weight,
         alpha=alpha, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
         ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
-        student_bias=student_bias, proxy_bias=proxy_bias, chunk_size=chunk_size,
+        student_bias=student_bias, proxy_bias=proxy_bias, chunk_size=chunk_size, nll_weight=nll_weight,
     )
     s, p = batch.student, batch.proxy
     impl = resolve(backend, s.hidden.device, s.hidden, s.weight, *((p.hidden, p.weight) if p is not None else ()))
@@ -92,15 +105,25 @@ def linear_log_probs(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    return_entropy: bool = False,
     chunk_size: int | None = None,
     backend: str | Backend = "auto",
-) -> Tensor:
-    """Per-token log softmax(z/T)[label], shaped like labels, 0 on ignored rows; differentiable."""
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token log softmax(z/T)[label], shaped like labels, 0 on ignored rows; differentiable.
+
+    With `return_entropy=True` returns (log_probs, entropy), the entropy -sum_v q_v log q_v of
+    q = softmax(z/T) per token (0 on ignored rows); both take any upstream gradient, the contract
+    of per-token primitives trainers such as GRPO / KTO reduce themselves. Not twice differentiable.
+    """
     head, lead = prepare_head("hidden", hidden, "weight", weight, "bias", bias)
     flat_labels = prepare_labels(labels, head, lead, ignore_index)
     temperature = check_temperature(temperature)
     chunk_size = check_chunk_size(chunk_size)
+    return_entropy = check_flag("return_entropy", return_entropy)
     impl = resolve(backend, head.hidden.device, head.hidden, head.weight)
+    if return_entropy:
+        logp, entropy = impl.log_probs_entropy(head, flat_labels, temperature, int(ignore_index), chunk_size)
+        return logp.view(lead), entropy.view(lead)
     return impl.log_probs(head, flat_labels, temperature, int(ignore_index), chunk_size).view(lead)
 
 
@@ -119,8 +142,7 @@ def linear_topk(
     Shapes are [*lead, k] for hidden [*lead, H]; the logits never exist beyond a chunk.
     """
     head, lead = prepare_head("hidden", hidden, "weight", weight, "bias", bias)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = check_int("k", k)
     if not 1 <= k <= head.vocab:
         raise ValueError(f"k must be in [1, V={head.vocab}], got {k}")
     temperature = check_temperature(temperature)

@@ -100,16 +100,12 @@ def sample_rejected(
         model, tokenizer, part, cfg, seed + RANK_SEED_STRIDE * rank, show))
 
 
-def reference_scale_average(cfg: AlignProxyConfig) -> bool:
-    """Whether DPO compares per-token mean log-probs (average_log_prob, or always for ipo) rather than sums."""
-    return cfg.average_log_prob or cfg.dpo_loss_type == "ipo"
-
-
 @torch.no_grad()
 def reference_logps(
     model: nn.Module, examples: list[Example], pad_id: int, cfg: AlignProxyConfig, acc: Any = None,
 ) -> Tensor:
-    """[n, 2] log-probs of (chosen, rejected) under the current proxy, on the DPO loss's scale: the reference."""
+    """[n, 2] summed log-probs of (chosen, rejected) under the current proxy: the reference (dpo_loss
+    normalizes sums itself where the loss type needs means)."""
     show = cfg.progress and (acc is None or acc.is_main_process)
 
     def score(part: list[Example]) -> list[list[float]]:
@@ -121,8 +117,8 @@ def reference_logps(
         for chunk in iter_chunks(part, cfg.eval_batch_size):
             b = {k: v.to(device) for k, v in preference_batch(chunk, pad_id).items()}
             hidden, w, bias = wrapped(b["input_ids"], b["attention_mask"])
-            lp = sequence_log_probs(hidden, w, b["labels"], average=reference_scale_average(cfg), bias=bias,
-                                    chunk_size=cfg.chunk_size, backend=cfg.backend).float().cpu()
+            lp = sequence_log_probs(hidden, w, b["labels"], bias=bias, chunk_size=cfg.chunk_size,
+                                    backend=cfg.backend).float().cpu()
             n = len(chunk)
             rows.extend(torch.stack([lp[:n], lp[n:]], dim=1).tolist())
             bar.update(n)
