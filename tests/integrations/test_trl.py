@@ -133,6 +133,35 @@ def test_online_proxy_loss_and_metrics_match_plain(tok: Any, tmp_path: Path, div
     _assert_metrics(trainer, want, loss)
 
 
+def test_pure_kd_equals_trl_distillation_trainer(tok: Any, tmp_path: Path) -> None:
+    """nll_weight=0, no weights, forward KL at T=1: TRL's DistillationTrainer(beta=0) on the same completions."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    student, teacher = _model(tok, 0), _model(tok, 1)
+    cfg = ProxyKDConfig(str(tmp_path / "ours"), per_device_train_batch_size=4, max_steps=1, alpha=1.0,
+                        nll_weight=0.0, use_weights=False, **COMMON)
+    ours = ProxyKDTrainer(copy.deepcopy(student), proxy_model=copy.deepcopy(teacher), args=cfg,
+                          train_dataset=_sft_rows(), processing_class=tok)
+    opts = {k: v for k, v in COMMON.items() if k != "backend"}
+    theirs = DistillationTrainer(copy.deepcopy(student), teacher_model=copy.deepcopy(teacher),
+                                 args=DistillationConfig(str(tmp_path / "trl"), beta=0.0, per_device_train_batch_size=4,
+                                                         **opts), train_dataset=_sft_rows(), processing_class=tok)
+    b = _first_batch(ours)
+    p = 3  # every row: a 3-token prompt (masked) then its completion, right padded
+    b["labels"][:, :p] = -100
+    ids, mask = b["input_ids"], b["attention_mask"]
+    comp = (b["labels"] != -100).long()
+    inputs = {"prompt_ids": ids[:, :p], "prompt_mask": mask[:, :p], "completion_ids": ids[:, p:],
+              "completion_mask": comp[:, p:]}
+    want = theirs.compute_loss(theirs.model, inputs)
+    got = ours.compute_loss(ours.model, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    want.backward()
+    got.backward()
+    for (n, p1), p2 in zip(theirs.model.named_parameters(), ours.model.parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
 def test_alpha_zero_is_plain_sft_on_the_fused_ce(tok: Any, tmp_path: Path) -> None:
     cfg = ProxyKDConfig(str(tmp_path), per_device_train_batch_size=4, max_steps=1, alpha=0.0, nll_weight=1.0,
                         **COMMON)

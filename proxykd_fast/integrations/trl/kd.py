@@ -10,7 +10,6 @@ is computed inside the student's head call (`hidden_and_head(fn=...)`) so no log
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,6 @@ from .metrics import TOKEN_METRICS, token_metrics_due, token_stats
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 MODEL_INPUT_SKIP = ("labels", *TARGET_COLUMNS)
-_HAS_NLL_WEIGHT = "nll_weight" in inspect.signature(proxy_kd_loss).parameters
 
 
 @dataclass
@@ -86,16 +84,8 @@ def kd_objective(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor
             denom = denom.to(nll.device)
         return nll_weight * nll / denom, {"nll": nll.detach().double(), "kd": torch.zeros((), dtype=torch.float64),
                                           "valid_tokens": count}
-    common = dict(student_bias=bias, alpha=alpha, num_items_in_batch=num_items_in_batch, return_components=True,
-                  **kd)
-    if _HAS_NLL_WEIGHT:
-        return proxy_kd_loss(hidden, weight, labels, nll_weight=nll_weight, **common)
-    # TODO(lead): drop this branch once proxy_kd_loss(..., nll_weight=) is on main; until then scale alpha.
-    if nll_weight == 0:
-        raise NotImplementedError("nll_weight=0 needs proxy_kd_loss(nll_weight=...), which this build lacks")
-    common["alpha"] = alpha / nll_weight
-    loss, comp = proxy_kd_loss(hidden, weight, labels, **common)
-    return loss * nll_weight, comp
+    return proxy_kd_loss(hidden, weight, labels, student_bias=bias, nll_weight=nll_weight, alpha=alpha,
+                         num_items_in_batch=num_items_in_batch, return_components=True, **kd)
 
 
 class ProxyKDTrainer(SFTTrainer):
