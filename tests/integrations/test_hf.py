@@ -13,7 +13,7 @@ from proxykd_fast.integrations.hf import (
     is_fused,
     unfuse_lm_head,
 )
-from tests.support.tiny_lm import ARCHS, batch, build, grads
+from tests.support.tiny_lm import ARCHS, batch, build, doubled_logits_llama, grads
 
 
 def _reference(model: torch.nn.Module, b: dict, **kw: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -180,15 +180,7 @@ def test_softcapping_is_refused() -> None:
 
 
 def test_unknown_logit_post_processing_is_caught_by_the_probe() -> None:
-    from transformers import LlamaForCausalLM
-
-    class Doubled(LlamaForCausalLM):
-        def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            out = super().forward(*args, **kwargs)
-            out.logits = out.logits * 2
-            return out
-
-    model = Doubled(build("llama").config)
+    model = doubled_logits_llama(build("llama").config)
     with pytest.raises(UnsupportedModelError, match="logits differ"):
         fuse_lm_head(model)
     assert not is_fused(model)

@@ -52,3 +52,16 @@ def batch(rows: int = 3, width: int = 9, seed: int = 1) -> dict[str, torch.Tenso
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The gradients of the trainable parameters, cloned."""
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def doubled_logits_llama(config: Any) -> torch.nn.Module:
+    """A Llama whose forward doubles its logits after the head: post-processing the fused losses cannot see."""
+    from transformers import LlamaForCausalLM
+
+    class Doubled(LlamaForCausalLM):
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    return Doubled(config)

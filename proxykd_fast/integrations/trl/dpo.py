@@ -11,7 +11,7 @@ Proxy-KD's proxy alignment is `loss_type=["sigmoid", "sft"]`.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from trl import DPOConfig, DPOTrainer
 
 from proxykd_fast.integrations.hf import hidden_and_head, shift_labels
-from proxykd_fast.losses import BACKENDS, dpo_loss, sequence_log_probs
+from proxykd_fast.losses import dpo_loss, sequence_log_probs
 
-from .metrics import TOKEN_METRICS, token_metrics_due, token_stats
+from .metrics import token_metrics_due, token_stats
+from .options import backend_field, check_fused_options, chunk_size_field, token_metrics_field
 
 PREFERENCE_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -31,17 +32,13 @@ _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 class ProxyDPOConfig(DPOConfig):
     """DPOConfig plus the fused loss's chunking and backend."""
 
-    chunk_size: int | None = field(default=None, metadata={"help": "Tokens per logits chunk (None: automatic)."})
-    backend: str = field(default="auto", metadata={"help": f"Loss backend, one of {BACKENDS}."})
-    token_metrics: str = field(default="logging_steps", metadata={
-        "help": "entropy / mean_token_accuracy (one no-grad GEMM pass): on logged steps, every_step, or off."})
+    chunk_size: int | None = chunk_size_field("Tokens")
+    backend: str = backend_field()
+    token_metrics: str = token_metrics_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.token_metrics not in TOKEN_METRICS:
-            raise ValueError(f"token_metrics must be one of {TOKEN_METRICS}, got {self.token_metrics!r}")
+        check_fused_options(self)
 
 
 def _loss_plan(args: DPOConfig) -> tuple[str, float, float]:

@@ -18,10 +18,11 @@ from torch import Tensor, nn
 from trl import SFTConfig, SFTTrainer
 
 from proxykd_fast.integrations.hf import hidden_and_head, shift_labels, vocab_size
-from proxykd_fast.losses import BACKENDS, linear_cross_entropy, proxy_kd_loss, sequence_log_probs
+from proxykd_fast.losses import linear_cross_entropy, proxy_kd_loss, sequence_log_probs
 
 from .data import TARGET_COLUMNS, ProxyTargetsCollator
-from .metrics import TOKEN_METRICS, token_metrics_due, token_stats
+from .metrics import token_metrics_due, token_stats
+from .options import backend_field, check_fused_options, chunk_size_field, token_metrics_field
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 MODEL_INPUT_SKIP = ("labels", *TARGET_COLUMNS)
@@ -45,10 +46,9 @@ class ProxyKDConfig(SFTConfig):
     proxy_model_name_or_path: str | None = field(default=None, metadata={"help": "Online proxy to load."})
     proxy_model_init_kwargs: dict[str, Any] | None = field(default=None, metadata={
         "help": "kwargs for AutoModelForCausalLM.from_pretrained of the proxy."})
-    chunk_size: int | None = field(default=None, metadata={"help": "Rows per logits chunk (None: automatic)."})
-    backend: str = field(default="auto", metadata={"help": f"Loss backend, one of {BACKENDS}."})
-    token_metrics: str = field(default="logging_steps", metadata={
-        "help": "entropy / mean_token_accuracy (one no-grad GEMM pass): on logged steps, every_step, or off."})
+    chunk_size: int | None = chunk_size_field("Rows")
+    backend: str = backend_field()
+    token_metrics: str = token_metrics_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,10 +66,7 @@ class ProxyKDConfig(SFTConfig):
             raise ValueError(f"weight_stats must be 'dataset' or 'batch', got {self.weight_stats!r}")
         if self.loglik not in ("sum", "mean"):
             raise ValueError(f"loglik must be 'sum' or 'mean', got {self.loglik!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.token_metrics not in TOKEN_METRICS:
-            raise ValueError(f"token_metrics must be one of {TOKEN_METRICS}, got {self.token_metrics!r}")
+        check_fused_options(self)
 
 
 def kd_objective(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None, nll_weight: float,
