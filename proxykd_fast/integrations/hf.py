@@ -144,8 +144,8 @@ def vocab_size(model: nn.Module) -> int:
 class _HeadCall:
     """Stands in for the head module's forward: hands (scaled hidden, weight, bias) to `fn` and keeps its result."""
 
-    def __init__(self, head: nn.Module, fn: HeadFn, scale: float) -> None:
-        self.head, self.fn, self.scale = head, fn, scale
+    def __init__(self, head: nn.Module, fn: HeadFn, scale: float, head_dtype: str = "autocast") -> None:
+        self.head, self.fn, self.scale, self.head_dtype = head, fn, scale, head_dtype
         self.calls = 0
         self.result: Any = None
 
@@ -162,10 +162,12 @@ class _HeadCall:
             bias = None if bias is None else bias * self.scale
         device = hidden.device.type
         if torch.is_autocast_enabled(device):
-            # What autocast would do to the head's matmul, done once here so the loss kernels see plain tensors.
-            dtype = torch.get_autocast_dtype(device)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+            if self.head_dtype == "weight":  # the head in its weights' precision (e.g. fp32 master weights)
+                hidden = hidden.to(weight.dtype)
+            else:  # what autocast would do to the head's matmul, once, so the loss kernels see plain tensors
+                dtype = torch.get_autocast_dtype(device)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
             with torch.autocast(device, enabled=False):
                 self.result = self.fn(hidden, weight, bias)
         else:
@@ -173,16 +175,25 @@ class _HeadCall:
         return hidden.new_zeros((*hidden.shape[:-1], 0))  # the "logits" the model goes on with
 
 
+HEAD_DTYPES = ("autocast", "weight")
+
+
+def _check_head_dtype(head_dtype: str) -> None:
+    if head_dtype not in HEAD_DTYPES:
+        raise ValueError(f"head_dtype must be one of {HEAD_DTYPES}, got {head_dtype!r}")
+
+
 @contextmanager
-def _intercepted_head(model: nn.Module, fn: HeadFn) -> Iterator[_HeadCall]:
+def _intercepted_head(model: nn.Module, fn: HeadFn, head_dtype: str = "autocast") -> Iterator[_HeadCall]:
     """Within the block, calls of the model's output head run `fn` instead of the projection."""
+    _check_head_dtype(head_dtype)
     check_supported(model)
     head = output_head(model)
     # accelerate's device-map hooks live in `forward` and call `_old_forward`: replace the latter to keep them.
     attr = "_old_forward" if hasattr(head, "_hf_hook") and "_old_forward" in head.__dict__ else "forward"
     had = attr in head.__dict__
     previous = head.__dict__.get(attr)
-    call = _HeadCall(head, fn, logit_scale(model))
+    call = _HeadCall(head, fn, logit_scale(model), head_dtype)
     setattr(head, attr, call)
     try:
         yield call
@@ -208,15 +219,17 @@ def _captured(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tens
 
 def hidden_and_head(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *, fn: HeadFn | None = None,
-    **model_kwargs: Any,
+    head_dtype: str = "autocast", **model_kwargs: Any,
 ) -> Any:
     """(hidden [B, T, H] times the logit scale, head weight [V, H], bias or None) from the model's own forward.
 
     `model` may be wrapped (DDP, accelerate, FSDP2, PEFT): it is called as a whole, so hooks and
     autocast apply. With `fn`, returns `fn(hidden, weight, bias)` evaluated inside the head module's
     call, where FSDP2 / ZeRO-3 have gathered the weight: use it when the head is sharded on its own.
+    Under autocast, `head_dtype="autocast"` hands over hidden and weight in the autocast dtype (what
+    the model's own head matmul would see); "weight" keeps the weight and casts hidden to its dtype.
     """
-    with _intercepted_head(model, fn or _captured) as call:
+    with _intercepted_head(model, fn or _captured, head_dtype) as call:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
     return call.result
 
@@ -258,6 +271,7 @@ def _fused_forward() -> Callable[..., Any]:
                 **kwargs: Any) -> Any:
         state = self.__dict__[_FUSED_ATTR]
         backend, chunk_size, original = state["backend"], state["chunk_size"], _original_forward(self)
+        head_dtype = state["head_dtype"]
         targets = kwargs.pop("shift_labels", None)  # pre-shifted labels (context/sequence parallel collators)
         if labels is None and targets is None:
             if num_items_in_batch is not None:
@@ -277,7 +291,7 @@ def _fused_forward() -> Callable[..., Any]:
         as_tuple = kwargs.get("return_dict") is False
         kwargs.update(use_cache=False, return_dict=True)
         kwargs.pop("logits_to_keep", None)  # every position is scored
-        with _intercepted_head(self, loss_fn) as call:
+        with _intercepted_head(self, loss_fn, head_dtype) as call:
             out = original(*args, **kwargs)
         loss = call.result
         aux = out.get("aux_loss") if hasattr(out, "get") else None
@@ -291,16 +305,18 @@ def _fused_forward() -> Callable[..., Any]:
 
 
 def fuse_lm_head(model: nn.Module, *, backend: str = "auto", chunk_size: int | None = None,
-                 verify: bool = True) -> nn.Module:
+                 head_dtype: str = "autocast", verify: bool = True) -> nn.Module:
     """Make `model(..., labels=labels)` return the fused CE loss (logits=None); returns `model` itself.
 
     Works on the plain causal LM or a PEFT-wrapped one (the underlying transformers model is
-    patched), before or after `Trainer` / accelerate wraps it. `verify` runs 4 tokens through the model
-    once and refuses it if its logits are not `hidden @ W.T` up to the configured scale.
+    patched), before or after `Trainer` / accelerate wraps it. `head_dtype="weight"` keeps the head in
+    its weights' precision under autocast (TRL's `cast_lm_head_to_fp32`). `verify` runs 4 tokens
+    through the model once and refuses it if its logits are not `hidden @ W.T` up to the configured scale.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_options(backend, chunk_size)
+    _check_head_dtype(head_dtype)
     lm = causal_lm(model)
     check_supported(lm)
     output_head(lm)
@@ -310,7 +326,7 @@ def fuse_lm_head(model: nn.Module, *, backend: str = "auto", chunk_size: int | N
         unfuse_lm_head(lm)
     # An instance-level wrapper already there (e.g. accelerate's autocast) is kept underneath.
     own = lm.__dict__.get("forward")
-    setattr(lm, _FUSED_ATTR, {"forward": own, "backend": backend, "chunk_size": chunk_size})
+    setattr(lm, _FUSED_ATTR, {"forward": own, "backend": backend, "chunk_size": chunk_size, "head_dtype": head_dtype})
     lm.forward = types.MethodType(functools.wraps(type(lm).forward)(_fused_forward()), lm)
     return model
 

@@ -55,6 +55,7 @@ class LossSpec:
     denominator: float = 1.0
     chunk_size: int | None = None
     logit_scale: float = 1.0  # CE mode only: the NLL of softmax(logit_scale * z) (tempered log-probs)
+    shard: Any = None  # _vocab_parallel.VocabShard: the head's rows are this rank's shard of the vocabulary
 
     @property
     def mode(self) -> str:

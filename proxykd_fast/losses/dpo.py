@@ -47,7 +47,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._spec import Head
-from ._validation import check_chunk_size, check_device, check_flag, check_floating, check_labels, check_real
+from ._validation import (
+    check_chunk_size,
+    check_device,
+    check_flag,
+    check_floating,
+    check_real,
+    prepare_rows,
+)
+from ._vocab_parallel import ProcessGroup, compute_dtype, gather_dtensor
 from .backends import Backend, resolve
 from .sequence import check_sequence_head, output_dtype
 
@@ -157,6 +165,7 @@ def dpo_loss(
     ref_bias: Tensor | None = None,
     chunk_size: int | None = None,
     backend: str | Backend = "auto",
+    vocab_parallel_group: ProcessGroup | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO-family loss (+ nll_alpha * chosen NLL) of a linear head, chunked by tokens; returns (loss, metrics).
 
@@ -165,17 +174,19 @@ def dpo_loss(
     `ref_weight` [V, Hr] (no gradient). `sample_weight` [B] weights pairs: sum_b w_b l_b / B.
     `chunk_size` is tokens per logits chunk. Formulas, scales and metrics: see the module doc;
     metrics are detached scalars (fp32; fp64 for fp64 inputs) under TRL's names (rewards/*, logps/*, nll).
+    `vocab_parallel_group`: weight (bias, ref_weight, ref_bias) are this rank's rows of the head, as in
+    proxykd_fast.losses.functional; the loss and metrics are the same on every rank.
     """
-    flat, lead, vocab = check_sequence_head("hidden", hidden, "weight", weight, "bias", bias)
-    device = flat.device
-    n_rows = lead[0]
+    n_rows = hidden.shape[0] if isinstance(hidden, Tensor) and hidden.dim() == 3 else 2
     if n_rows == 0 or n_rows % 2:
         raise ValueError(
             f"hidden must stack B chosen rows then B rejected rows (an even, nonzero number of rows), got {n_rows}"
         )
+    head, lead, flat_labels, shard = prepare_rows(hidden, weight, bias, labels, ignore_index, vocab_parallel_group,
+                                                  sequences=True)
+    flat, weight, bias, vocab = head.hidden, head.weight, head.bias, head.vocab
+    device = flat.device
     n_pairs = n_rows // 2
-    check_device("labels", labels, device)
-    flat_labels = check_labels(labels, lead, vocab, ignore_index)
     ignore_index = int(ignore_index)
     if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -189,7 +200,7 @@ def dpo_loss(
             f"got loss_type={loss_type!r}; leave it at 0"
         )
     chunk_size = check_chunk_size(chunk_size)
-    impl = resolve(backend, device, flat, weight)
+    impl = resolve(backend, device, flat, weight, shard=shard)
     weights = None if sample_weight is None else _check_pair_vector("sample_weight", sample_weight, n_pairs, "B", device)
     if weights is not None and bool((weights < 0).any()):
         raise ValueError("sample_weight must be >= 0")
@@ -208,6 +219,8 @@ def dpo_loss(
     if online:
         if ref_hidden is None or ref_weight is None:
             raise ValueError("an online reference needs both ref_hidden and ref_weight")
+        ref_weight = gather_dtensor(ref_weight, compute_dtype(ref_hidden))
+        ref_bias = gather_dtensor(ref_bias, compute_dtype(ref_hidden))
         ref_flat, ref_lead, ref_vocab = check_sequence_head("ref_hidden", ref_hidden, "ref_weight", ref_weight,
                                                             "ref_bias", ref_bias, device)
         if ref_lead != lead:
@@ -220,15 +233,15 @@ def dpo_loss(
     plan = impl.sequence_plan(flat_labels, lead, ignore_index, chunk_size, int(counts.sum()), vocab)
     if online:
         ref_head = Head(ref_flat, ref_weight, ref_bias)
-        ref_impl = resolve(backend, device, ref_flat, ref_weight)
-        ref = ref_impl.sequence_sums(ref_head, flat_labels, plan, lead, ignore_index, chunk_size)
+        ref_impl = resolve(backend, device, ref_flat, ref_weight, shard=shard)
+        ref = ref_impl.sequence_sums(ref_head, flat_labels, plan, lead, ignore_index, chunk_size, shard)
     else:
         ref = _check_pair_vector("ref_logps", ref_logps, n_rows, "2B", device)
 
     n_chosen = int(counts[:n_pairs].sum())
     obj = _Objective(beta, loss_type, label_smoothing, nll_alpha, average, n_pairs, ref, weights, denom, n_chosen)
     loss, sums = impl.sequence_loss(Head(flat, weight, bias), flat_labels, plan, lead, ignore_index, chunk_size, obj,
-                                    output_dtype(hidden, weight))
+                                    output_dtype(hidden, weight), shard)
     return loss, _metrics(obj, sums, loss.dtype, average_log_prob)
 
 

@@ -64,25 +64,24 @@ class HiddenAndHead(nn.Module):
     """Wrap a causal LM so that forward returns (last hidden state, head weight, head bias).
 
     Training calls go through this module's forward, so DDP/accelerate hooks fire; the hidden
-    states come from the model's own forward (`integrations.hf.hidden_and_head`), so autocast and
-    the model's hooks apply, and the fused losses then read the head without any logits.
+    states come from the model's own forward (`integrations.hf.hidden_and_head`), so its hooks
+    apply, and the fused losses then read the head without any [tokens x vocab] logits. With
+    `autocast` (e.g. torch.bfloat16) the model runs under torch.autocast and its hidden states come
+    back in the head's dtype, so the fused losses and the head stay in the weights' precision.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, autocast: torch.dtype | None = None) -> None:
         super().__init__()
         check_supported(model)
         self.model = model
+        self.autocast = autocast
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Hidden states (scaled by logit_scale) and the head parameters."""
-        return _hidden_and_head(self.model, input_ids, attention_mask)
-
-
-def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Last hidden state (scaled by logit_scale) for a plain or wrapped model."""
-    if isinstance(_unwrap(model), HiddenAndHead):
-        return model(input_ids, attention_mask)[0]
-    return HiddenAndHead(_unwrap(model))(input_ids, attention_mask)[0]
+        if self.autocast is None:
+            return _hidden_and_head(self.model, input_ids, attention_mask)
+        with torch.autocast(device_type=input_ids.device.type, dtype=self.autocast):
+            return _hidden_and_head(self.model, input_ids, attention_mask, head_dtype="weight")
 
 
 def check_same_vocab(a: Any, b: Any, names: tuple[str, str] = ("proxy", "student")) -> None:

@@ -159,10 +159,15 @@ def test_autocast_of_a_prepared_model_applies_to_the_hidden_states() -> None:
     assert model.model(input_ids=b["input_ids"]).last_hidden_state.dtype == torch.float32  # the hand-written glue
     hidden, weight, _ = hidden_and_head(prepared, b["input_ids"], b["attention_mask"])
     assert hidden.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16  # what the head's matmul sees
+    h32, w32, _ = hidden_and_head(prepared, b["input_ids"], b["attention_mask"], head_dtype="weight")
+    assert w32 is model.lm_head.weight and h32.dtype == torch.float32  # TRL's cast_lm_head_to_fp32
+    torch.testing.assert_close(h32.to(torch.bfloat16), hidden, rtol=0, atol=0)  # the same hidden, not rounded
     fuse_lm_head(prepared, backend="torch")
     loss = prepared(**b).loss
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, want, rtol=2e-2, atol=0)
+    with pytest.raises(ValueError, match="head_dtype"):
+        fuse_lm_head(prepared, head_dtype="fp8")
 
 
 def test_softcapping_is_refused() -> None:
