@@ -363,6 +363,36 @@ def test_dpo_loss_and_metrics_equal_trl(tok: Any, tmp_path: Path, loss_type: lis
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_dpo_with_peft_and_the_adapter_as_reference_equals_trl(tok: Any, tmp_path: Path) -> None:
+    """PEFT without a ref_model: the reference is DPOTrainer's (a "ref" copy of the adapter it was given)."""
+    from peft import LoraConfig, get_peft_model
+    from trl import DPOConfig, DPOTrainer
+
+    base = get_peft_model(_model(tok, 0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    for n, p in base.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    opts = dict(per_device_train_batch_size=4, max_steps=1, beta=0.3, **{k: v for k, v in COMMON.items()
+                                                                       if k != "backend"})
+    theirs = DPOTrainer(copy.deepcopy(base), args=DPOConfig(str(tmp_path / "trl"), **opts), train_dataset=_pref_rows(),
+                        processing_class=tok)
+    ours = ProxyDPOTrainer(copy.deepcopy(base), args=ProxyDPOConfig(str(tmp_path / "ours"), backend="torch", **opts),
+                           train_dataset=_pref_rows(), processing_class=tok)
+    for trainer in (theirs, ours):  # move the trained adapter away from its "ref" copy, identically
+        assert "ref" in trainer.model.peft_config
+        g = torch.Generator().manual_seed(4)
+        for n, p in trainer.model.named_parameters():
+            if "lora_B.default" in n:
+                p.data.add_(torch.randn(p.shape, generator=g) * 0.3)
+    b = _first_batch(theirs)
+    torch.testing.assert_close(ours.compute_loss(ours.model, dict(b)), theirs.compute_loss(theirs.model, dict(b)),
+                               rtol=1e-5, atol=1e-6)
+    want_m, got_m = _metrics(theirs), _metrics(ours)
+    assert abs(want_m["rewards/margins"]) > 1e-3  # policy and reference differ
+    for k, v in want_m.items():
+        assert got_m[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+
+
 def test_dpo_uses_reference_columns_given_in_the_dataset(tok: Any, tmp_path: Path) -> None:
     data = _pref_rows()
     data = data.add_column("ref_chosen_logps", [-5.0, -6.0, -7.0, -8.0])

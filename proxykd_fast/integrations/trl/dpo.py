@@ -1,11 +1,11 @@
 """`ProxyDPOTrainer`: TRL's DPOTrainer on our token-chunked `dpo_loss` (no per-pair [2, T, V] logits).
 
-Everything else is DPOTrainer's: datasets, collator, reference handling (a `ref_model`, PEFT with the
-adapter disabled, or `precompute_ref_log_probs=True` with the `ref_chosen_logps` / `ref_rejected_logps`
-columns as summed log-probs; columns already in the dataset are used as given), and the logged
-metrics under the same names and scales. `loss_type` is one of sigmoid, ipo, hinge, robust,
-apo_zero, optionally with "sft" (TRL's NLL on the chosen answers, weighted by `loss_weights`):
-Proxy-KD's proxy alignment is `loss_type=["sigmoid", "sft"]`.
+Everything else is DPOTrainer's: datasets, collator, reference handling (a `ref_model`; PEFT with
+the adapter disabled or TRL's `ref` copy of it; or `precompute_ref_log_probs=True` with the
+`ref_chosen_logps` / `ref_rejected_logps` columns as summed log-probs, columns already in the
+dataset used as given), and the logged metrics under the same names and scales. `loss_type` is
+one of sigmoid, ipo, hinge, robust, apo_zero, optionally with "sft" (TRL's NLL on the chosen
+answers, weighted by `loss_weights`): Proxy-KD's proxy alignment is `loss_type=["sigmoid", "sft"]`.
 """
 
 from __future__ import annotations

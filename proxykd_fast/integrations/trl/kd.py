@@ -168,7 +168,10 @@ class ProxyKDTrainer(SFTTrainer):
         return ll, (targets != -100).sum(-1)
 
     def _add_dataset_weights(self, dataset: Any) -> Any:
-        """sample_weight from the online proxy's log-likelihoods over the whole train set (one no-grad pass)."""
+        """sample_weight from the online proxy's log-likelihoods over the whole train set (one no-grad pass).
+
+        Every process scores the whole set (the same weights everywhere, no collective needed).
+        """
         from tqdm.auto import tqdm
 
         from proxykd_fast.pipeline.targets import sigmoid_weights
