@@ -150,12 +150,17 @@ def test_a_deep_copy_of_a_fused_model_runs_on_its_own_weights() -> None:
 def test_autocast_of_a_prepared_model_applies_to_the_hidden_states() -> None:
     """The bug users hit: the backbone called directly skips the autocast that accelerate put on forward."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     model = build("llama")
     b = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = model(**b).loss.float()
-    prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one process-wide state
+    try:
+        prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert model.model(input_ids=b["input_ids"]).last_hidden_state.dtype == torch.float32  # the hand-written glue
     hidden, weight, _ = hidden_and_head(prepared, b["input_ids"], b["attention_mask"])
     assert hidden.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16  # what the head's matmul sees
