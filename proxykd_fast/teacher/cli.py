@@ -175,7 +175,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--fault-seed", type=int, default=0)
     p.add_argument("--fault-retry-after", type=float, default=1.0, help="Retry-After seconds sent with 429")
-    p.add_argument("--fault-slow-seconds", type=float, default=30.0, help="stall of a 'slow' fault")
+    p.add_argument("--fault-slow-seconds", type=float, default=30.0,
+                   help="longest stall of a 'slow' fault (it ends sooner when the client gives up)")
     p.add_argument("--latency", type=float, default=0.0, help="extra seconds on every completion request")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run_serve)
