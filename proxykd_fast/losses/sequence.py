@@ -17,10 +17,12 @@ from ._validation import (
     check_chunk_size,
     check_device,
     check_floating,
-    check_labels,
     check_temperature,
     check_weight,
+    prepare_labels,
+    prepare_shard,
 )
+from ._vocab_parallel import ProcessGroup, compute_dtype, gather_dtensor
 from .backends import Backend, resolve, token_sums
 
 
@@ -58,6 +60,7 @@ def sequence_log_probs(
     average: bool = False,
     chunk_size: int | None = None,
     backend: str | Backend = "auto",
+    vocab_parallel_group: ProcessGroup | None = None,
 ) -> Tensor:
     """log p(completion) per row: sum (or mean, `average=True`) of token log-probs over non-ignored labels.
 
@@ -65,14 +68,15 @@ def sequence_log_probs(
     inputs), differentiable, without [tokens x V] logits. A row with no completion token gets 0.
     Use it for precomputed DPO reference log-probs and for the proxy's likelihood of teacher answers.
     """
+    weight, bias = gather_dtensor(weight, compute_dtype(hidden)), gather_dtensor(bias, compute_dtype(hidden))
     flat, lead, vocab = check_sequence_head("hidden", hidden, "weight", weight, "bias", bias)
-    check_device("labels", labels, flat.device)
-    flat_labels = check_labels(labels, lead, vocab, ignore_index)
+    head = Head(flat, weight, bias)
+    shard = prepare_shard(vocab_parallel_group, head)
+    flat_labels = prepare_labels(labels, head, lead, ignore_index, shard)
     temperature = check_temperature(temperature)
     chunk_size = check_chunk_size(chunk_size)
-    impl = resolve(backend, flat.device, flat, weight)
-    sums, counts = token_sums(impl, Head(flat, weight, bias), flat_labels, lead, temperature, int(ignore_index),
-                              chunk_size)
+    impl = resolve(backend, flat.device, flat, weight, shard=shard)
+    sums, counts = token_sums(impl, head, flat_labels, lead, temperature, int(ignore_index), chunk_size, shard)
     if average:
         sums = sums / counts.clamp_min(1).to(sums.dtype)
     return sums.to(output_dtype(hidden, weight))

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from proxykd_fast.options import option
+
 from .client import FatalAPIError, Mode, RequestIdentity, RetryPolicy, TeacherClient
 from .journal import InflightJournal
 from .progress import ProgressBar, Stats
@@ -25,38 +27,49 @@ class CollectError(RuntimeError):
     """A run that cannot start or must stop: bad input, locked output, auth, unknown model, no server."""
 
 
+_R = RetryPolicy  # the retry defaults live there once
+
+
 @dataclass
 class CollectConfig:
-    """Everything a collection run needs; the CLI flags map one to one onto these fields."""
+    """Everything a collection run needs; `proxykd collect` parses its flags and `--config` YAML from these fields."""
 
-    prompts: Path | str
-    out: Path | str
-    base_url: str
-    model: str
-    n_per_prompt: int = 1
-    concurrency: int = 8
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout: float = 60.0
-    max_retries: int = 6
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    max_retry_after: float = 60.0
-    mode: Mode = "chat"
-    on_bad_line: Literal["skip", "error"] = "error"
-    price_input_per_1k: float = 0.0
-    price_output_per_1k: float = 0.0
-    format: RecordFormat = "prompt_completion"
-    progress: bool = True
-    fsync_every: int = 8
-    fsync_interval: float = 2.0
-    check_model: bool = True
-    allow_config_change: bool = False
-    max_consecutive_failures: int = 50
-    idempotency_key: bool = True
+    prompts: Path | str = option(help="JSONL with {'prompt': ...} or {'messages': [...]} per line (required)")
+    out: Path | str = option(help="output directory (records.jsonl, failures.jsonl, run.json) (required)")
+    base_url: str = option(help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (required)")
+    model: str = option(help="teacher model name (required)")
+    n_per_prompt: int = option(1, help="samples per prompt")
+    concurrency: int = option(8, help="requests in flight")
+    max_tokens: int | None = option(None, help="most tokens per answer (unset: the server's default)")
+    temperature: float | None = option(None, help="sampling temperature (unset: the server's default)")
+    top_p: float | None = option(None, help="nucleus top-p (unset: the server's default)")
+    seed: int | None = option(None, help="base seed; sample k uses seed + k")
+    api_key_env: str = option("OPENAI_API_KEY", help="environment variable holding the API key")
+    timeout: float = option(_R.timeout, help="seconds per attempt")
+    max_retries: int = option(_R.max_retries, help="retries per request")
+    backoff_base: float = option(_R.backoff_base, help="first backoff in seconds (doubles each retry)")
+    backoff_max: float = option(_R.backoff_max, help="longest backoff in seconds")
+    max_retry_after: float = option(_R.max_retry_after, help="cap on a server's Retry-After, in seconds")
+    mode: Mode = option("chat", help="chat (/v1/chat/completions) or completions (/v1/completions, string prompts)")
+    on_bad_line: Literal["skip", "error"] = option("error", help="malformed prompt lines: refuse the run, or skip them")
+    price_input_per_1k: float = option(0.0, help="price per 1k prompt tokens (for the cost estimate)")
+    price_output_per_1k: float = option(0.0, help="price per 1k completion tokens (for the cost estimate)")
+    format: RecordFormat = option("prompt_completion", help="record format: prompt_completion or messages (chat only)")
+    progress: bool = option(True, help="show a progress bar")
+    fsync_every: int = option(8, help="fsync records.jsonl every N lines")
+    fsync_interval: float = option(2.0, help="... or once the oldest unsynced line is this many seconds old")
+    check_model: bool = option(True, aliases=("model_check",), help="check /models for the teacher before starting")
+    allow_config_change: bool = option(False, help="resume even if the sampling settings changed")
+    max_consecutive_failures: int = option(50, help="stop after this many failures in a row (0: never)")
+    idempotency_key: bool = option(True, help=(
+        "send an Idempotency-Key header, so a server that honours it bills a resumed request once; "
+        "--no-idempotency-key for a server or proxy that rejects it (an interrupted run may then be billed again "
+        "for up to --concurrency requests)"))
+
+    def retry_policy(self) -> RetryPolicy:
+        """The client's retry policy from these settings."""
+        return RetryPolicy(max_retries=self.max_retries, timeout=self.timeout, backoff_base=self.backoff_base,
+                           backoff_max=self.backoff_max, max_retry_after=self.max_retry_after)
 
     def validate(self) -> None:
         """Refuse option combinations that would write misleading records (CollectError saying why)."""
@@ -216,13 +229,7 @@ async def _run(
     handing out units and ends backoff sleeps, but lets requests already in flight finish (each
     within its timeout) and writes their answers, which were paid for; then it raises.
     """
-    policy = RetryPolicy(
-        max_retries=config.max_retries,
-        timeout=config.timeout,
-        backoff_base=config.backoff_base,
-        backoff_max=config.backoff_max,
-        max_retry_after=config.max_retry_after,
-    )
+    policy = config.retry_policy()
     client = TeacherClient(
         config.base_url,
         config.model,

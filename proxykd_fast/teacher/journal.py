@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .store import OutputDir, iter_jsonl, repair_jsonl, write_json_atomic
+from proxykd_fast.jsonl import repair_jsonl, write_jsonl
+
+from .store import OutputDir, iter_jsonl
 
 INFLIGHT_FILE = "inflight.jsonl"
 
@@ -44,7 +46,7 @@ class InflightJournal:
             {"prompt_hash": h, "generation": g, "event": "sent" if in_flight else "failed"}
             for h, (g, in_flight) in pending.items()
         ]
-        write_json_atomic(self.path, rows, jsonl=True)
+        write_jsonl(self.path, rows)
         self._appender = self.store.appender(INFLIGHT_FILE)
 
     def sent(self, prompt_hash: str, generation: int) -> None:

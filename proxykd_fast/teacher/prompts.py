@@ -139,43 +139,28 @@ def _normalize_prompt(obj: dict[str, Any], mode: Mode, prompt_id: str | None) ->
     return messages, prompt_id
 
 
-def _decode_line(raw: bytes, line_no: int) -> str:
-    """Decode one line as strict UTF-8 (a BOM on line 1 is dropped); raise ValueError naming the byte."""
-    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        bad = raw[exc.start : exc.start + 1].hex()
-        raise ValueError(f"invalid UTF-8 (byte 0x{bad} at column {exc.start + 1})") from None
-
-
 def read_prompts(path: str | Path, mode: Mode = "chat") -> PromptsFile:
-    """Read a prompts JSONL file, keeping good lines and recording bad ones (bad UTF-8 too) with line numbers."""
+    """Read a prompts JSONL file, keeping good lines and recording bad ones (bad UTF-8 too) with line numbers.
+
+    Lines are split and parsed by `proxykd_fast.jsonl` (a BOM on line 1 is dropped; a last line cut
+    off mid-write is dropped with a warning, as for every JSONL file of the package).
+    """
+    from proxykd_fast.jsonl import iter_lines
+
     path = Path(path)
     if not path.is_file():
         raise PromptsError(f"prompts file not found: {path}")
     result = PromptsFile(path=path)
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            try:
-                line = _decode_line(raw, line_no)
-            except ValueError as exc:
-                result.bad_lines.append(BadLine(line_no, str(exc)))
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                result.bad_lines.append(BadLine(line_no, f"invalid JSON ({exc.msg})"))
-                continue
-            try:
-                prompt, prompt_id = normalize_record(obj, mode)
-            except ValueError as exc:
-                result.bad_lines.append(BadLine(line_no, str(exc)))
-                continue
-            result.items.append(PromptItem(prompt=prompt, prompt_id=prompt_id, line_no=line_no))
+    for line in iter_lines(path):
+        if line.error is not None:
+            result.bad_lines.append(BadLine(line.line_no, line.error))
+            continue
+        try:
+            prompt, prompt_id = normalize_record(line.value, mode)
+        except ValueError as exc:
+            result.bad_lines.append(BadLine(line.line_no, str(exc)))
+            continue
+        result.items.append(PromptItem(prompt=prompt, prompt_id=prompt_id, line_no=line.line_no))
     return result
 
 

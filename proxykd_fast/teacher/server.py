@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from .chat_format import render_chat, with_system_prompt
+from .chat_format import render_chat, stop_token_ids, with_system_prompt
 from .engine import GenerationEngine, GenResult, GenRow
 from .faults import FaultConfig, FaultInjector, FaultMiddleware
 from .idempotency import MAX_KEY_LENGTH, IdempotencyCache, KeyReused
@@ -459,18 +459,6 @@ def create_app(handler: TeacherApp, injector: FaultInjector | None = None) -> An
     return app
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """EOS ids from the model's generation config and the tokenizer."""
-    ids: set[int] = set()
-    gen_cfg = getattr(model, "generation_config", None)
-    for value in (getattr(gen_cfg, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
-
-
 class TeacherServer:
     """Serve a model over HTTP; `start()` runs uvicorn in a background thread and returns the base URL."""
 
@@ -506,7 +494,7 @@ class TeacherServer:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.engine = GenerationEngine(
             model,
-            stop_token_ids=stop_token_ids(model, tokenizer),
+            stop_token_ids=set(stop_token_ids(tokenizer, model)),
             pad_token_id=int(pad),
             max_batch_size=max_batch_size,
             batch_wait_ms=batch_wait_ms,
