@@ -14,21 +14,28 @@ import torch
 from torch import Tensor
 
 from ._spec import DIVERGENCES, REDUCTIONS, Head, KDBatch, LossSpec
-from ._vocab_parallel import VocabShard, check_same_on_every_rank, make_shard
+from ._vocab_parallel import VocabShard, check_same_on_every_rank, compute_dtype, gather_dtensor, make_shard
 
 # Above this, T^2 * KD loses its fp32 precision to cancellation (the error grows like T^2 * eps *
 # |log q|: ~1e-2 absolute at T=100); distillation uses T in [0.5, 10].
 MAX_KD_TEMPERATURE = 100.0
 
 
+def _scalar(name: str, value: object, kind: str) -> object:
+    """A 0-dim tensor's Python value (refusing other tensors and bools); other values pass through."""
+    if isinstance(value, Tensor):
+        integral = not (value.is_floating_point() or value.is_complex())
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex() or (kind == "an int" and not integral):
+            raise TypeError(f"{name} must be {kind} or a 0-dim tensor of one, got a tensor of shape "
+                            f"{list(value.shape)} and dtype {value.dtype}")
+        return value.item()
+    return value
+
+
 def check_real(name: str, value: object, *, low: float | None = None, low_open: bool = False,
                high: float | None = None, high_open: bool = False) -> float:
     """A finite real number (int, float, numpy scalar or 0-dim tensor; not a bool or a string) in range."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be a real number or a 0-dim real tensor, got a tensor of shape "
-                            f"{list(value.shape)} and dtype {value.dtype}")
-        value = value.item()
+    value = _scalar(name, value, "a real number")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
@@ -47,11 +54,7 @@ def check_real(name: str, value: object, *, low: float | None = None, low_open: 
 
 def check_int(name: str, value: object, *, low: int | None = None) -> int:
     """An integer (int, numpy integer or 0-dim integer tensor; not a bool, float or string), >= low."""
-    if isinstance(value, Tensor):
-        if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be an int or a 0-dim integer tensor, got a tensor of shape "
-                            f"{list(value.shape)} and dtype {value.dtype}")
-        value = value.item()
+    value = _scalar(name, value, "an int")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     v = int(value)
@@ -228,6 +231,23 @@ def prepare_labels(labels: Tensor, head: Head, lead: tuple[int, ...], ignore_ind
     return flat
 
 
+def prepare_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+                 group: object, *, sequences: bool = False) -> tuple[Head, tuple[int, ...], Tensor, VocabShard | None]:
+    """Validate one head and its labels: (flat head, lead shape, flat labels, vocab shard or None).
+
+    A DTensor weight / bias is gathered first (gather_dtensor); `sequences` requires [rows, T, H].
+    """
+    dtype = compute_dtype(hidden)
+    weight, bias = gather_dtensor(weight, dtype), gather_dtensor(bias, dtype)
+    if sequences:
+        check_floating("hidden", hidden)
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must be [rows, T, H] (one row per sequence), got shape {tuple(hidden.shape)}")
+    head, lead = prepare_head("hidden", hidden, "weight", weight, "bias", bias)
+    shard = prepare_shard(group, head)
+    return head, lead, prepare_labels(labels, head, lead, ignore_index, shard), shard
+
+
 def prepare_shard(group: object, head: Head) -> VocabShard | None:
     """The vocab shard of this rank when a vocab-parallel group is given (its hidden must be every rank's)."""
     if group is None:
@@ -246,9 +266,7 @@ def prepare_ce(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor |
                reduction: str, num_items_in_batch: int | float | Tensor | None, chunk_size: int | None,
                vocab_parallel_group: object = None) -> tuple[KDBatch, LossSpec]:
     """Validate a fused cross-entropy call and return the flattened batch plus options."""
-    head, lead = prepare_head("hidden", hidden, "weight", weight, "bias", bias)
-    shard = prepare_shard(vocab_parallel_group, head)
-    flat_labels = prepare_labels(labels, head, lead, ignore_index, shard)
+    head, lead, flat_labels, shard = prepare_rows(hidden, weight, bias, labels, ignore_index, vocab_parallel_group)
     reduction = check_reduction(reduction)
     spec = LossSpec(ignore_index=int(ignore_index), reduction=reduction, chunk_size=check_chunk_size(chunk_size),
                     denominator=resolve_denominator(reduction, num_items_in_batch, _n_valid(flat_labels, ignore_index)),

@@ -53,8 +53,7 @@ from ._validation import (
     check_flag,
     check_floating,
     check_real,
-    prepare_labels,
-    prepare_shard,
+    prepare_rows,
 )
 from ._vocab_parallel import ProcessGroup, compute_dtype, gather_dtensor
 from .backends import Backend, resolve
@@ -178,17 +177,16 @@ def dpo_loss(
     `vocab_parallel_group`: weight (bias, ref_weight, ref_bias) are this rank's rows of the head, as in
     proxykd_fast.losses.functional; the loss and metrics are the same on every rank.
     """
-    weight, bias = gather_dtensor(weight, compute_dtype(hidden)), gather_dtensor(bias, compute_dtype(hidden))
-    flat, lead, vocab = check_sequence_head("hidden", hidden, "weight", weight, "bias", bias)
-    device = flat.device
-    shard = prepare_shard(vocab_parallel_group, Head(flat, weight, bias))
-    n_rows = lead[0]
+    n_rows = hidden.shape[0] if isinstance(hidden, Tensor) and hidden.dim() == 3 else 2
     if n_rows == 0 or n_rows % 2:
         raise ValueError(
             f"hidden must stack B chosen rows then B rejected rows (an even, nonzero number of rows), got {n_rows}"
         )
+    head, lead, flat_labels, shard = prepare_rows(hidden, weight, bias, labels, ignore_index, vocab_parallel_group,
+                                                  sequences=True)
+    flat, weight, bias, vocab = head.hidden, head.weight, head.bias, head.vocab
+    device = flat.device
     n_pairs = n_rows // 2
-    flat_labels = prepare_labels(labels, Head(flat, weight, bias), lead, ignore_index, shard)
     ignore_index = int(ignore_index)
     if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")

@@ -37,7 +37,7 @@ from ._validation import (
     prepare_ce,
     prepare_head,
     prepare_kd,
-    prepare_labels,
+    prepare_rows,
     prepare_shard,
 )
 from ._vocab_parallel import ProcessGroup, compute_dtype, gather_dtensor
@@ -63,8 +63,6 @@ def linear_cross_entropy(
     the number of non-ignored rows; `none` returns one value per row in the labels' shape.
     `vocab_parallel_group`: see the module doc; `weight` may also be an FSDP2 / DTensor weight.
     """
-    weight = gather_dtensor(weight, compute_dtype(hidden))
-    bias = gather_dtensor(bias, compute_dtype(hidden))
     batch, spec = prepare_ce(hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction,
                              num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
                              vocab_parallel_group=vocab_parallel_group)
@@ -150,10 +148,7 @@ def linear_log_probs(
     q = softmax(z/T) per token (0 on ignored rows); both take any upstream gradient, the contract
     of per-token primitives trainers such as GRPO / KTO reduce themselves. Not twice differentiable.
     """
-    head, lead = prepare_head("hidden", hidden, "weight", gather_dtensor(weight, compute_dtype(hidden)), "bias",
-                              gather_dtensor(bias, compute_dtype(hidden)))
-    shard = prepare_shard(vocab_parallel_group, head)
-    flat_labels = prepare_labels(labels, head, lead, ignore_index, shard)
+    head, lead, flat_labels, shard = prepare_rows(hidden, weight, bias, labels, ignore_index, vocab_parallel_group)
     temperature = check_temperature(temperature)
     chunk_size = check_chunk_size(chunk_size)
     return_entropy = check_flag("return_entropy", return_entropy)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._spec import Head
 from ._validation import (
     check_bias,
     check_chunk_size,
@@ -19,10 +18,9 @@ from ._validation import (
     check_floating,
     check_temperature,
     check_weight,
-    prepare_labels,
-    prepare_shard,
+    prepare_rows,
 )
-from ._vocab_parallel import ProcessGroup, compute_dtype, gather_dtensor
+from ._vocab_parallel import ProcessGroup
 from .backends import Backend, resolve, token_sums
 
 
@@ -68,14 +66,12 @@ def sequence_log_probs(
     inputs), differentiable, without [tokens x V] logits. A row with no completion token gets 0.
     Use it for precomputed DPO reference log-probs and for the proxy's likelihood of teacher answers.
     """
-    weight, bias = gather_dtensor(weight, compute_dtype(hidden)), gather_dtensor(bias, compute_dtype(hidden))
-    flat, lead, vocab = check_sequence_head("hidden", hidden, "weight", weight, "bias", bias)
-    head = Head(flat, weight, bias)
-    shard = prepare_shard(vocab_parallel_group, head)
-    flat_labels = prepare_labels(labels, head, lead, ignore_index, shard)
+    head, lead, flat_labels, shard = prepare_rows(hidden, weight, bias, labels, ignore_index, vocab_parallel_group,
+                                                  sequences=True)
+    flat = head.hidden
     temperature = check_temperature(temperature)
     chunk_size = check_chunk_size(chunk_size)
-    impl = resolve(backend, flat.device, flat, weight, shard=shard)
+    impl = resolve(backend, flat.device, flat, head.weight, shard=shard)
     sums, counts = token_sums(impl, head, flat_labels, lead, temperature, int(ignore_index), chunk_size, shard)
     if average:
         sums = sums / counts.clamp_min(1).to(sums.dtype)
