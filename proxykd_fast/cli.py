@@ -39,6 +39,12 @@ def _precompute(cfg: PrecomputeConfig) -> Any:
     return precompute(cfg)
 
 
+def _prior(cfg: Any) -> Any:
+    from .prior.build import build_prior
+
+    return build_prior(cfg)
+
+
 def _distill(cfg: DistillConfig) -> Any:
     from .pipeline.distill import distill
 
@@ -63,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - the teacher package is optional here
         pass
     _stage(sub, "align-proxy", AlignProxyConfig, _align, "SFT warm-up + NLL/DPO rounds to align the proxy")
+    from .prior.build import PriorConfig
+
+    _stage(sub, "prior", PriorConfig, _prior, "count the teacher's tokens into a back-off n-gram prior "
+           "(precompute --prior)")
     _stage(sub, "precompute", PrecomputeConfig, _precompute, "store the proxy's top-k targets and sample weights")
     _stage(sub, "distill", DistillConfig, _distill, "train the student: NLL + alpha * w * KL(proxy || student)")
     _stage(sub, "eval", EvalConfig, _eval, "held-out NLL, KL to a reference model, generation samples")

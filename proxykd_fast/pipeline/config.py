@@ -346,10 +346,34 @@ class PrecomputeConfig(StageConfig):
     resume: bool = field(default=False, metadata={
         "help": "keep the shards already written (the stored run info must match); without it existing "
                 "shards in output_dir are deleted first"})
+    # Bayesian targets (the paper's first version; proxykd_fast.prior): see `proxykd prior`.
+    prior: str | None = field(default=None, metadata={
+        "help": "a `proxykd prior` output dir: store the posterior's top-k (corpus counts updated with the "
+                "proxy, leave-one-out) instead of the proxy's; the weights stay the proxy's"})
+    posterior: str = field(default="dirichlet", metadata={
+        "help": "with --prior: dirichlet (q = (c + kappa * base) / (n + kappa), base = alpha * proxy + (1 - "
+                "alpha) * shorter-context prior), product (log q = lambda log prior + (1 - lambda) log proxy, "
+                "normalised over the vocabulary) or prior (the corpus prior alone)"})
+    prior_strength: float | None = field(default=None, metadata={
+        "help": "kappa (dirichlet, > 0) or lambda (product, in [0, 1]); unset: fitted to the held-out "
+                "likelihood of teacher tokens (leave-one-out), written to posterior_fit.json"})
+    prior_mix: float | None = field(default=None, metadata={
+        "help": "alpha in [0, 1], the proxy's share of the dirichlet base measure (1: the proxy alone); "
+                "unset: fitted with kappa"})
+    posterior_fit_data: str | None = field(default=None, metadata={
+        "help": "teacher records the strength is fitted on (ideally ones the proxy was not trained on); "
+                "unset: the first --posterior-fit-samples samples of the split, each without its own counts"})
+    posterior_fit_samples: int = field(default=1000, metadata={
+        "help": "most samples the strength is fitted on"})
 
     def validate(self) -> None:
         """Ranges and choices of the precompute options."""
         _check_common(self)
+        if self.prior:
+            from proxykd_fast.prior.hook import check_posterior_options
+
+            check_posterior_options(self.posterior, self.prior_strength, self.prior_mix)
+        check_range("posterior_fit_samples", self.posterior_fit_samples, 1)
         check_range("top_k", self.top_k, 1)
         check_range("shard_size", self.shard_size, 1)
         check_choice("format", self.format, ("parquet", "safetensors"))
