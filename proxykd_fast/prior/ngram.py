@@ -178,8 +178,10 @@ class NGramPrior:
         hit = (self.next_key[idx] == query) & (gids >= 0) & (tokens >= 0)
         return np.where(hit, idx, -1)
 
-    def support(self, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Flat (position, token) pairs of the next tokens seen after each valid gid of [P, L] (ragged gather)."""
+    def support(self, gids: np.ndarray, seq: np.ndarray | None = None, own: OwnCounts | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Flat (position, token) pairs of the next tokens seen after each valid gid of [P, L] (ragged gather);
+        with `own`, pairs seen only in the position's own sample are left out (they would leak it)."""
         pos = np.broadcast_to(np.arange(gids.shape[0])[:, None], gids.shape).reshape(-1)
         g = gids.reshape(-1)
         keep = g >= 0
@@ -189,7 +191,11 @@ class NGramPrior:
         rep = np.repeat(np.arange(g.size), lens)
         within = np.arange(rep.size) - np.repeat(np.cumsum(lens) - lens, lens)
         rows = start[rep] + within
-        return pos[rep], self.next_key[rows] % self.vocab
+        pos = pos[rep]
+        if own is not None and seq is not None:
+            left = self.next_count[rows] - _lookup(own.pair_keys, own.pair_counts, seq[pos] * self.next_key.size + rows)
+            pos, rows = pos[left > 0], rows[left > 0]
+        return pos, self.next_key[rows] % self.vocab
 
     def member(self, hashes: np.ndarray) -> np.ndarray:
         """Whether each sample hash is in the corpus the prior was built on."""

@@ -6,8 +6,8 @@
 - product: log q = lambda * log prior + (1 - lambda) * log proxy - log Z, Z over the full vocabulary.
 - prior: the smoothed corpus prior alone.
 
-Candidates per position are the proxy's top-k and every token seen after any non-empty context of the
-prior's chain; the stored top-k is taken over them, and each stored log-prob is the exact log q(w)
+Candidates per position are the proxy's top-k, the unigram's top-k and every token seen after any
+non-empty context of the prior's chain (leave-one-out: not those seen only in the sample itself); the stored top-k is taken over them, and each stored log-prob is the exact log q(w)
 normalised over the whole vocabulary (the product's mass off the candidates comes from one more fused
 `linear_topk` pass with a per-token bias; no logits are materialised).
 """
@@ -118,6 +118,7 @@ class Posterior:
         root = root_weights(prior)
         self.log_root = np.full(head_vocab, -np.inf)
         self.log_root[: prior.vocab] = np.log(root)
+        self.root_top = np.argsort(-root, kind="stable")[:64]  # the unigram's best tokens are always candidates
 
     # ---- the per-position terms ------------------------------------------------------------------------
     def columns(self, pos: Positions, gids: np.ndarray, proxy_ids: np.ndarray, with_target: bool
@@ -126,8 +127,10 @@ class Posterior:
         n = len(pos.seq)
         k = proxy_ids.shape[1]
         sources = [(np.repeat(np.arange(n), k), proxy_ids.reshape(-1), True)]
+        top_root = self.root_top[:k]
+        sources.append((np.repeat(np.arange(n), top_root.size), np.tile(top_root, n), True))
         if self.prior.order > 1:
-            sp, st = self.prior.support(gids[:, 1:])
+            sp, st = self.prior.support(gids[:, 1:], pos.seq, pos.own)
             sources.append((sp, st, True))
         if self.kind == "product" and pos.own_tokens[0].size:  # the root's own counts differ: sum them exactly
             oseq, otok = pos.own_tokens
