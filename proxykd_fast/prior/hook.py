@@ -94,9 +94,10 @@ class PosteriorTargets:
         if cfg.resume and path.exists():
             self.fit = json.loads(path.read_text(encoding="utf-8"))
         else:
-            self.fit = self._fit(fit_examples)
+            text = json.dumps(self._fit(fit_examples), indent=2, sort_keys=True)
+            self.fit = json.loads(text)  # the same key order as a resumed run that reads the file
             tmp = path.with_name("." + path.name + ".tmp")
-            tmp.write_text(json.dumps(self.fit, indent=2, sort_keys=True), encoding="utf-8")
+            tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)
         self.post.strength = self.fit.get("strength")
         self.post.mix = self.fit.get("mix")
