@@ -19,6 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-steps", type=int, default=None, help="step budget of every student (default 400)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--progress", action="store_true", help="show per-stage progress bars")
+    p.add_argument("--full", action="store_true",
+                   help="also run the uneven-alignment world (the proxy's pre-training misses 30%% of the contexts): "
+                        "Proxy-KD with and without weights there, written to uneven.md")
+    p.add_argument("--missing-contexts", type=float, default=0.3,
+                   help="share of contexts the proxy never pre-trains on in the --full variant")
+    p.add_argument("--alpha-sweep", default="",
+                   help="comma-separated alphas, e.g. 0.3,1,3,10,30,100: Proxy-KD students on the first seed's "
+                        "targets, one per alpha, written to alpha_sweep.md")
+    p.add_argument("--sweep-targets", default="aligned",
+                   help="comma-separated target sources of the sweep: aligned, sft, prior, posterior")
     args = p.parse_args(argv)
     import torch
 
@@ -46,6 +56,29 @@ def main(argv: list[str] | None = None) -> int:
     md = write_outputs(out, results, seeds[0], time.perf_counter() - start)
     print(md)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'training_curves.png'}")
+    if args.full:
+        import dataclasses
+
+        from .default import UNEVEN_ROWS
+
+        uneven = dataclasses.replace(settings, missing_contexts=args.missing_contexts, variant="uneven")
+        t = time.perf_counter()
+        res = {seed: run_seed(out, seed, uneven, progress=args.progress, rows=UNEVEN_ROWS) for seed in seeds}
+        print(write_outputs(out, res, seeds[0], time.perf_counter() - t, name="uneven",
+                            title=f"Uneven-alignment world (proxy pre-training misses {args.missing_contexts:.0%} "
+                                  "of the contexts)"))
+    if args.alpha_sweep:
+        from .sweep import alpha_sweep, sweep_table
+
+        alphas = [float(x) for x in args.alpha_sweep.split(",") if x.strip()]
+        t = time.perf_counter()
+        rows = alpha_sweep(out, seeds[0], settings, alphas, results[seeds[0]],
+                           tuple(x.strip() for x in args.sweep_targets.split(",") if x.strip()), args.progress)
+        table = sweep_table(rows)
+        (out / "alpha_sweep.md").write_text(f"# alpha sweep, seed {seeds[0]}\n\n{table}\n\n"
+                                            f"wall time {time.perf_counter() - t:.0f} s\n", encoding="utf-8")
+        print(table)
+    print(f"total wall time {time.perf_counter() - start:.0f} s")
     return 0
 
 
