@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha-sweep", default="",
                    help="comma-separated alphas, e.g. 0.3,1,3,10,30,100: Proxy-KD students on the first seed's "
                         "targets, one per alpha, written to alpha_sweep.md")
+    p.add_argument("--sweep-only", action="store_true",
+                   help="run only the --alpha-sweep, on the targets an earlier run left in --out")
     p.add_argument("--sweep-targets", default="aligned",
                    help="comma-separated target sources of the sweep: aligned, sft, prior, posterior")
     args = p.parse_args(argv)
@@ -50,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.student_steps is not None:
         settings.student_steps = args.student_steps
     results = {}
-    for seed in seeds:
+    for seed in seeds if not args.sweep_only else []:
         results[seed] = run_seed(out, seed, settings, progress=args.progress)
         write_outputs(out, results, seeds[0], time.perf_counter() - start)
-    md = write_outputs(out, results, seeds[0], time.perf_counter() - start)
-    print(md)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'training_curves.png'}")
-    if args.full:
+    if results:
+        md = write_outputs(out, results, seeds[0], time.perf_counter() - start)
+        print(md)
+        print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'training_curves.png'}")
+    if args.full and not args.sweep_only:
         import dataclasses
 
         from .default import UNEVEN_ROWS
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
         alphas = [float(x) for x in args.alpha_sweep.split(",") if x.strip()]
         t = time.perf_counter()
-        rows = alpha_sweep(out, seeds[0], settings, alphas, results[seeds[0]],
+        rows = alpha_sweep(out, seeds[0], settings, alphas,
                            tuple(x.strip() for x in args.sweep_targets.split(",") if x.strip()), args.progress)
         table = sweep_table(rows)
         (out / "alpha_sweep.md").write_text(f"# alpha sweep, seed {seeds[0]}\n\n{table}\n\n"

@@ -16,9 +16,12 @@ from proxykd_fast.pipeline.modeling import load_model, load_tokenizer
 from .default import DemoSettings, _log
 
 
-def alpha_sweep(out: Path, seed: int, s: DemoSettings, alphas: list[float], base: dict[str, Any],
-                targets: tuple[str, ...] = ("aligned",), progress: bool = False) -> dict[str, Any]:
-    """For each target source and alpha: held-out KL/NLL, steps run, and the gradient norm of the first steps."""
+def alpha_sweep(out: Path, seed: int, s: DemoSettings, alphas: list[float], targets: tuple[str, ...] = ("aligned",),
+                progress: bool = False) -> dict[str, Any]:
+    """For each target source and alpha: held-out KL/NLL, steps run, and the gradient norm of the first steps.
+
+    Reads the targets a finished `run_seed` left in seed<N>/targets_<source> (aligned, sft, prior, posterior).
+    """
     root = out / f"seed{seed}"
     student0, val = root / "student_init", root / "val.jsonl"
     tok = load_tokenizer(str(student0))
@@ -32,7 +35,7 @@ def alpha_sweep(out: Path, seed: int, s: DemoSettings, alphas: list[float], base
             name = f"sweep_{source}_alpha{a:g}"
             _log(f"alpha sweep: {source} targets, alpha {a:g}")
             res = distill(DistillConfig(
-                output_dir=str(root / name), student=str(student0), targets=base["targets"][source], alpha=a,
+                output_dir=str(root / name), student=str(student0), targets=str(root / f"targets_{source}"), alpha=a,
                 use_weights=use_weights, eval_data=str(val), split="0:1", seed=seed, max_steps=s.student_steps,
                 learning_rate=s.student_lr, batch_size=s.batch_size, eval_every=s.eval_every,
                 early_stopping_patience=s.patience, eval_batch_size=300, progress=progress, loglik="mean",
