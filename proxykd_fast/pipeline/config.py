@@ -369,10 +369,10 @@ class PrecomputeConfig(StageConfig):
     def validate(self) -> None:
         """Ranges and choices of the precompute options."""
         _check_common(self)
-        if self.prior:
-            from proxykd_fast.prior.hook import check_posterior_options
+        from proxykd_fast.prior.hook import check_posterior_options
 
-            check_posterior_options(self.posterior, self.prior_strength, self.prior_mix)
+        check_posterior_options(self.prior, self.posterior, self.prior_strength, self.prior_mix,
+                                self.posterior_fit_data)
         check_range("posterior_fit_samples", self.posterior_fit_samples, 1)
         check_range("top_k", self.top_k, 1)
         check_range("shard_size", self.shard_size, 1)

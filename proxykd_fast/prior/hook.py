@@ -29,10 +29,17 @@ MIX_GRID = np.linspace(0.0, 1.0, 41)
 LAMBDA_GRID = np.linspace(0.0, 1.0, 41)
 
 
-def check_posterior_options(posterior: str, strength: float | None, mix: float | None) -> None:
+def check_posterior_options(prior: str | None, posterior: str, strength: float | None, mix: float | None,
+                            fit_data: str | None = None) -> None:
     """Refuse option combinations that mean nothing (ValueError naming the option)."""
     from .posterior import POSTERIORS
 
+    if not prior:
+        given = [n for n, v in (("prior_strength", strength), ("prior_mix", mix), ("posterior_fit_data", fit_data))
+                 if v is not None] + (["posterior"] if posterior != "dirichlet" else [])
+        if given:
+            raise ValueError(f"option(s) {', '.join(given)} need --prior (a `proxykd prior` output dir)")
+        return
     if posterior not in POSTERIORS:
         raise ValueError(f"option 'posterior' must be one of {', '.join(POSTERIORS)}; got {posterior!r}")
     if posterior == "prior" and strength is not None:
@@ -71,7 +78,7 @@ class PosteriorTargets:
         from proxykd_fast.pipeline.modeling import PipelineError, vocab_size
         from proxykd_fast.pipeline.targets import vocab_fingerprint
 
-        check_posterior_options(cfg.posterior, cfg.prior_strength, cfg.prior_mix)
+        check_posterior_options(cfg.prior, cfg.posterior, cfg.prior_strength, cfg.prior_mix, cfg.posterior_fit_data)
         self.cfg = cfg
         self.prior = load_prior(cfg.prior)
         meta = self.prior.meta

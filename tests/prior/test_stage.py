@@ -130,6 +130,10 @@ def test_bad_input_is_refused(world: dict[str, Path], tmp_path: Path) -> None:
                       ({"prior_strength": 0.0}, "kappa"), ({"prior_mix": -0.1}, "alpha")):
         with pytest.raises(ValueError, match=match):
             PrecomputeConfig(**{**base, **kw})
+    without = {k: v for k, v in base.items() if k != "prior"}
+    for kw in ({"prior_strength": 1.0}, {"posterior": "product"}, {"posterior_fit_data": "x.jsonl"}):
+        with pytest.raises(ValueError, match="need --prior"):
+            PrecomputeConfig(**{**without, **kw})
 
 
 def test_cli_registers_the_prior_stage(world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
