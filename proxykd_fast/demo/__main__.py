@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha-sweep", default="",
                    help="comma-separated alphas, e.g. 0.3,1,3,10,30,100: Proxy-KD students on the first seed's "
                         "targets, one per alpha, written to alpha_sweep.md")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the seeds, variants and sweep points an earlier run with the same settings finished "
+                        "in --out (each writes its run_result.json last)")
     p.add_argument("--sweep-only", action="store_true",
                    help="run only the --alpha-sweep, on the targets an earlier run left in --out")
     p.add_argument("--sweep-targets", default="aligned",
@@ -51,36 +54,41 @@ def main(argv: list[str] | None = None) -> int:
         settings.alpha = args.alpha
     if args.student_steps is not None:
         settings.student_steps = args.student_steps
-    results = {}
-    for seed in seeds if not args.sweep_only else []:
-        results[seed] = run_seed(out, seed, settings, progress=args.progress)
-        write_outputs(out, results, seeds[0], time.perf_counter() - start)
-    if results:
-        md = write_outputs(out, results, seeds[0], time.perf_counter() - start)
-        print(md)
-        print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'training_curves.png'}")
-    if args.full and not args.sweep_only:
-        import dataclasses
+    import dataclasses
 
-        from .default import UNEVEN_ROWS
+    from .default import UNEVEN_ROWS
 
-        uneven = dataclasses.replace(settings, missing_contexts=args.missing_contexts, variant="uneven")
-        t = time.perf_counter()
-        res = {seed: run_seed(out, seed, uneven, progress=args.progress, rows=UNEVEN_ROWS) for seed in seeds}
-        print(write_outputs(out, res, seeds[0], time.perf_counter() - t, name="uneven",
-                            title=f"Uneven-alignment world (proxy pre-training misses {args.missing_contexts:.0%} "
-                                  "of the contexts)"))
-    if args.alpha_sweep:
-        from .sweep import alpha_sweep, sweep_table
+    uneven = dataclasses.replace(settings, missing_contexts=args.missing_contexts, variant="uneven")
+    uneven_title = f"Uneven-alignment world (proxy pre-training misses {args.missing_contexts:.0%} of the contexts)"
+    results: dict[int, dict] = {}
+    uneven_results: dict[int, dict] = {}
+    t_uneven = 0.0
+    # Per seed: the main comparison, then (first seed) the alpha sweep, then (--full) the uneven world, so the
+    # most wanted results land first; --resume reuses every finished seed / variant / sweep from --out.
+    for i, seed in enumerate(seeds):
+        if not args.sweep_only:
+            results[seed] = run_seed(out, seed, settings, progress=args.progress, reuse=args.resume)
+            md = write_outputs(out, results, seeds[0], time.perf_counter() - start)
+            print(md)
+            print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'training_curves.png'}")
+        if i == 0 and args.alpha_sweep:
+            from .sweep import alpha_sweep, sweep_table
 
-        alphas = [float(x) for x in args.alpha_sweep.split(",") if x.strip()]
-        t = time.perf_counter()
-        rows = alpha_sweep(out, seeds[0], settings, alphas,
-                           tuple(x.strip() for x in args.sweep_targets.split(",") if x.strip()), args.progress)
-        table = sweep_table(rows)
-        (out / "alpha_sweep.md").write_text(f"# alpha sweep, seed {seeds[0]}\n\n{table}\n\n"
-                                            f"wall time {time.perf_counter() - t:.0f} s\n", encoding="utf-8")
-        print(table)
+            alphas = [float(x) for x in args.alpha_sweep.split(",") if x.strip()]
+            t = time.perf_counter()
+            rows = alpha_sweep(out, seed, settings, alphas,
+                               tuple(x.strip() for x in args.sweep_targets.split(",") if x.strip()), args.progress,
+                               reuse=args.resume)
+            table = sweep_table(rows)
+            (out / "alpha_sweep.md").write_text(f"# alpha sweep, seed {seed}\n\n{table}\n\n"
+                                                f"wall time {time.perf_counter() - t:.0f} s\n", encoding="utf-8")
+            print(table)
+        if args.full and not args.sweep_only:
+            t = time.perf_counter()
+            uneven_results[seed] = run_seed(out, seed, uneven, progress=args.progress, rows=UNEVEN_ROWS,
+                                            reuse=args.resume)
+            t_uneven += time.perf_counter() - t
+            print(write_outputs(out, uneven_results, seeds[0], t_uneven, name="uneven", title=uneven_title))
     print(f"total wall time {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -161,15 +162,28 @@ def sft_phase_model(proxy0_dir: Path, align_dir: Path, out: Path) -> Path:
     return out
 
 
+RESULT = "run_result.json"
+
+
 def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
-             rows: tuple[str, ...] = MAIN_ROWS) -> dict[str, Any]:
-    """Every stage for one seed; returns the eval table rows, the target-quality table and output dirs."""
+             rows: tuple[str, ...] = MAIN_ROWS, reuse: bool = False) -> dict[str, Any]:
+    """Every stage for one seed; returns the eval table rows, the target-quality table and output dirs.
+
+    The result is written to run_result.json last; with `reuse`, a result of the same settings and rows is
+    read back instead of running again.
+    """
     from proxykd_fast.prior import PriorConfig, build_prior
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     data_root = out / f"seed{seed}"
     root = data_root / s.variant if s.variant else data_root
+    key = {"settings": dataclasses.asdict(s), "rows": list(rows)}
+    if reuse and (root / RESULT).exists():
+        stored = json.loads((root / RESULT).read_text(encoding="utf-8"))
+        if stored.get("key") == key:
+            _log(f"seed {seed}{' ' + s.variant if s.variant else ''}: reusing {root / RESULT}")
+            return stored["result"]
     root.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(s.n_words)
     world = MarkovWorld.make(s.n_words, s.fanout, s.conc, seed)
@@ -274,5 +288,7 @@ def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
                          prior_dir if bayes else None, fit, "proxy_aligned", examples, tok.pad_token_id)
     timings["target_quality_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    return {"eval": results, "targets_kl": quality, "posterior_fit": fit, "dirs": dirs, "align": align,
-            "timings": timings, "targets": {k: str(v) for k, v in targets.items()}}
+    result = {"eval": results, "targets_kl": quality, "posterior_fit": fit, "dirs": dirs, "align": align,
+              "timings": timings, "targets": {k: str(v) for k, v in targets.items()}}
+    (root / RESULT).write_text(json.dumps({"key": key, "result": result}, indent=2, default=str), encoding="utf-8")
+    return result

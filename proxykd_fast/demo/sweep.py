@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from .default import DemoSettings, _log
 
 
 def alpha_sweep(out: Path, seed: int, s: DemoSettings, alphas: list[float], targets: tuple[str, ...] = ("aligned",),
-                progress: bool = False) -> dict[str, Any]:
+                progress: bool = False, reuse: bool = False) -> dict[str, Any]:
     """For each target source and alpha: held-out KL/NLL, steps run, and the gradient norm of the first steps.
 
     Reads the targets a finished `run_seed` left in seed<N>/targets_<source> (aligned, sft, prior, posterior).
@@ -28,9 +29,15 @@ def alpha_sweep(out: Path, seed: int, s: DemoSettings, alphas: list[float], targ
     teacher = load_model(str(out / "cache" / f"seed{seed}" / "teacher"))
     examples = tokenize_records(load_records(root / "eval.jsonl"), tok, 64)
     rows: dict[str, Any] = {}
+    done = root / "alpha_sweep.json"
+    if reuse and done.exists():
+        rows = {k: v for k, v in json.loads(done.read_text(encoding="utf-8")).items() if v.get("settings") ==
+                dataclasses.asdict(s)}
     for source in targets:
         use_weights = source in ("aligned", "sft")
         for a in alphas:
+            if f"{source}/{a:g}" in rows:
+                continue
             t = time.perf_counter()
             name = f"sweep_{source}_alpha{a:g}"
             _log(f"alpha sweep: {source} targets, alpha {a:g}")
@@ -46,9 +53,9 @@ def alpha_sweep(out: Path, seed: int, s: DemoSettings, alphas: list[float], targ
             rows[f"{source}/{a:g}"] = {"source": source, "alpha": a, **ev, "steps": res["steps"],
                                        "grad_norm_first10_mean": sum(first) / max(len(first), 1),
                                        "grad_norm_step1": first[0] if first else None,
-                                       "seconds": time.perf_counter() - t}
-    (root / "alpha_sweep.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    return rows
+                                       "seconds": time.perf_counter() - t, "settings": dataclasses.asdict(s)}
+            done.write_text(json.dumps(rows, indent=2), encoding="utf-8")  # after each point: a kill loses one
+    return {k: rows[k] for k in (f"{src}/{a:g}" for src in targets for a in alphas)}
 
 
 def sweep_table(rows: dict[str, Any]) -> str:

@@ -35,11 +35,15 @@ def test_demo_miniature_end_to_end(tmp_path: Path) -> None:
     # A second run reuses the cached teacher and the collected answers.
     res2 = run_seed(tmp_path, 0, s)
     assert res2["eval"]["sft_only"]["kl"] == pytest.approx(res["eval"]["sft_only"]["kl"], rel=1e-5)
+    reused = run_seed(tmp_path, 0, s, reuse=True)  # read back from run_result.json, nothing rerun
+    assert reused["eval"] == json.loads(json.dumps(res2["eval"]))
+    assert run_seed(tmp_path, 0, s, rows=("sft_only",), reuse=True)["dirs"].keys() == {"sft_only"}  # other key
     from proxykd_fast.demo.sweep import alpha_sweep, sweep_table
 
     sweep = alpha_sweep(tmp_path, 0, s, [0.5, 2.0], ("aligned", "posterior"))
     assert len(sweep) == 4 and all(r["kl"] >= 0 and r["grad_norm_step1"] > 0 for r in sweep.values())
     assert "posterior" in sweep_table(sweep)
+    assert alpha_sweep(tmp_path, 0, s, [2.0], ("posterior",), reuse=True) == {"posterior/2": sweep["posterior/2"]}
     # The uneven-alignment variant: its own pre-trained proxy, the same teacher data, only its rows.
     uneven = dataclasses.replace(s, missing_contexts=0.3, variant="uneven")
     res3 = run_seed(tmp_path, 0, uneven, rows=UNEVEN_ROWS)
