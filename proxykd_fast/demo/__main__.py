@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="reuse the seeds, variants and sweep points an earlier run with the same settings finished "
                         "in --out (each writes its run_result.json last)")
+    p.add_argument("--skip-main", action="store_true",
+                   help="skip the main comparison (e.g. to run only --full's uneven world or the sweep)")
     p.add_argument("--sweep-only", action="store_true",
                    help="run only the --alpha-sweep, on the targets an earlier run left in --out")
     p.add_argument("--sweep-targets", default="aligned",
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     # Per seed: the main comparison, then (first seed) the alpha sweep, then (--full) the uneven world, so the
     # most wanted results land first; --resume reuses every finished seed / variant / sweep from --out.
     for i, seed in enumerate(seeds):
-        if not args.sweep_only:
+        if not (args.sweep_only or args.skip_main):
             results[seed] = run_seed(out, seed, settings, progress=args.progress, reuse=args.resume)
             md = write_outputs(out, results, seeds[0], time.perf_counter() - start)
             print(md)
