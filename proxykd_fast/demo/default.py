@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,16 @@ def build_models(root: Path, s: DemoSettings, seed: int, world: MarkovWorld, tok
     return teacher_dir, proxy_dir
 
 
+def write_if_changed(path: Path, text: str) -> None:
+    """Write `text` atomically, and only when the file differs: the uneven variant shares the main run's data files
+    and may run beside it, so a reader never sees a half-written file."""
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def collect_teacher(root: Path, s: DemoSettings, seed: int, world: MarkovWorld, teacher_dir: Path) -> Path:
     """Serve the teacher over HTTP and collect one answer per prompt: the pipeline sees only this text."""
     from proxykd_fast.teacher import CollectConfig, collect
@@ -98,8 +109,8 @@ def collect_teacher(root: Path, s: DemoSettings, seed: int, world: MarkovWorld, 
 
     prompts = world.sample(s.n_train + s.n_val, s.prompt_len, seed + 21)
     pfile = root / "prompts.jsonl"
-    pfile.write_text("".join(json.dumps({"id": str(i), "prompt": words_to_text(p)}) + "\n"
-                             for i, p in enumerate(prompts)))
+    write_if_changed(pfile, "".join(json.dumps({"id": str(i), "prompt": words_to_text(p)}) + "\n"
+                                    for i, p in enumerate(prompts)))
     out = root / "teacher_answers"
     model = load_model(str(teacher_dir))
     with TeacherServer(model, load_tokenizer(str(teacher_dir)), model_name="demo-teacher", max_batch_size=128,
@@ -122,8 +133,8 @@ def split_answers(root: Path, answers: Path, s: DemoSettings) -> tuple[Path, Pat
     keep = ("prompt", "completion", "finish_reason")
     train, val = root / "train.jsonl", root / "val.jsonl"
     n_train = min(s.n_train, len(recs) - max(1, s.n_val // 2))
-    train.write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in recs[:n_train]))
-    val.write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in recs[n_train:]))
+    write_if_changed(train, "".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in recs[:n_train]))
+    write_if_changed(val, "".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in recs[n_train:]))
     return train, val
 
 
@@ -144,7 +155,7 @@ def eval_set(root: Path, s: DemoSettings, seed: int, world: MarkovWorld, teacher
         for p, full in zip(chunk, out):
             rows.append({"prompt": tok.decode(p), "completion": tok.decode(full[len(p):], skip_special_tokens=True),
                          "finish_reason": "length"})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_if_changed(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
