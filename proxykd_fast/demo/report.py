@@ -119,11 +119,13 @@ def plot_curves(out: Path, results: dict[int, dict[str, Any]], filename: str = "
         if not path.exists():
             continue
         rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        axes[0].plot([r["step"] for r in rows], [r["nll"] for r in rows], label=LABELS[name], lw=0.8)
+        color = f"C{ORDER.index(name) % 10}"  # one colour per model in every panel
+        axes[0].plot([r["step"] for r in rows], [r["nll"] for r in rows], label=LABELS[name], lw=0.8, color=color)
         ev = [r for r in rows if "eval_nll" in r]
-        axes[1].plot([r["step"] for r in ev], [r["eval_nll"] for r in ev], marker="o", label=LABELS[name])
+        axes[1].plot([r["step"] for r in ev], [r["eval_nll"] for r in ev], marker="o", label=LABELS[name],
+                     color=color)
         if name != "sft_only":
-            axes[2].plot([r["step"] for r in rows], [r["kd"] for r in rows], label=LABELS[name], lw=0.8)
+            axes[2].plot([r["step"] for r in rows], [r["kd"] for r in rows], label=LABELS[name], lw=0.8, color=color)
     axes[0].set_title("train NLL per token")
     axes[1].set_title("held-out teacher-sample NLL (early stopping)")
     axes[2].set_title("KL(targets || student) on top-k")
