@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-only", action="store_true",
                    help="run only the --alpha-sweep, on the targets an earlier run left in --out")
     p.add_argument("--sweep-targets", default="aligned",
-                   help="comma-separated target sources of the sweep: aligned, sft, prior, posterior")
+                   help="comma-separated target sources of the sweep: aligned, sft, prior, posterior, teacher (white-box)")
     args = p.parse_args(argv)
     import torch
 

@@ -21,7 +21,8 @@ def alpha_sweep(out: Path, seed: int, s: DemoSettings, alphas: list[float], targ
                 progress: bool = False, reuse: bool = False) -> dict[str, Any]:
     """For each target source and alpha: held-out KL/NLL, steps run, and the gradient norm of the first steps.
 
-    Reads the targets a finished `run_seed` left in seed<N>/targets_<source> (aligned, sft, prior, posterior).
+    Reads the targets a finished `run_seed` left in seed<N>/targets_<source> (aligned, sft, prior, posterior);
+    source "teacher" is white-box KD on the teacher's full distribution. Weights only with aligned / sft.
     """
     root = out / f"seed{seed}"
     student0, val = root / "student_init", root / "val.jsonl"
@@ -41,9 +42,11 @@ def alpha_sweep(out: Path, seed: int, s: DemoSettings, alphas: list[float], targ
             t = time.perf_counter()
             name = f"sweep_{source}_alpha{a:g}"
             _log(f"alpha sweep: {source} targets, alpha {a:g}")
+            # "teacher": white-box KD, the teacher's full distribution online (the demo's upper bound)
+            src = dict(proxy=str(out / "cache" / f"seed{seed}" / "teacher"), data=str(root / "train.jsonl")) \
+                if source == "teacher" else dict(targets=str(root / f"targets_{source}"))
             res = distill(DistillConfig(
-                output_dir=str(root / name), student=str(student0), targets=str(root / f"targets_{source}"), alpha=a,
-                use_weights=use_weights, eval_data=str(val), split="0:1", seed=seed, max_steps=s.student_steps,
+                output_dir=str(root / name), student=str(student0), **src, alpha=a, use_weights=use_weights, eval_data=str(val), split="0:1", seed=seed, max_steps=s.student_steps,
                 learning_rate=s.student_lr, batch_size=s.batch_size, eval_every=s.eval_every,
                 early_stopping_patience=s.patience, eval_batch_size=300, progress=progress, loglik="mean",
                 normalize_weights=True))
