@@ -178,12 +178,12 @@ RESULT = "run_result.json"
 
 def finished(cfg: DistillConfig) -> bool:
     """Whether cfg.output_dir holds a finished distill run of exactly these options (the demo then reuses it)."""
-    from proxykd_fast.pipeline.runinfo import run_options
+    from proxykd_fast.pipeline.runinfo import run_identity, run_options
 
     out = Path(cfg.output_dir)
     info, summary = out / "distill_run.json", out / "distill_summary.json"
     return summary.exists() and info.exists() and (out / "config.json").exists() and \
-        json.loads(info.read_text(encoding="utf-8")) == run_options(cfg.to_dict())
+        json.loads(info.read_text(encoding="utf-8")) == run_options(run_identity(cfg), exclude=())
 
 
 def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
@@ -223,7 +223,7 @@ def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
         warmup_split="0:1", align_split=s.align_split, warmup_steps_sft=s.proxy_sft_steps, rounds=s.rounds,
         round_epochs=1.0, learning_rate=s.proxy_lr, round_learning_rate=s.proxy_round_lr, batch_size=s.batch_size,
         eval_every=25, early_stopping_patience=s.patience, gen_max_new_tokens=s.answer_len, gen_batch_size=250,
-        beta=0.1, nll_alpha=1.0, eval_batch_size=300, progress=progress, save_every=0, resume=True))
+        beta=0.1, nll_alpha=1.0, eval_batch_size=300, progress=progress, save_every=0, resume="auto"))
     timings["align_s"] = time.perf_counter() - t
     _log(f"proxy aligned in {timings['align_s']:.0f}s: " + ", ".join(
         f"{p['phase']} {p['steps']} steps NLL {p['eval_nll']:.3f}" for p in align["phases"]))
@@ -231,7 +231,7 @@ def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
 
     t = time.perf_counter()
     common_pre = dict(data=str(train), split="0:1", top_k=10, batch_size=250, shard_size=1000, loglik="mean",
-                      normalize_weights=True, progress=progress, resume=True)
+                      normalize_weights=True, progress=progress, resume="auto")
     targets: dict[str, Path] = {}
     proxies = {"aligned": proxy_dir, "unaligned": proxy0_dir, "sft": proxy_sft}
     needs = {"aligned": True, "unaligned": "proxykd_unaligned_proxy" in rows,
@@ -247,7 +247,7 @@ def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
     if bayes:
         t = time.perf_counter()
         info = build_prior(PriorConfig(data=str(train), tokenizer=str(proxy_dir), output_dir=str(prior_dir),
-                                       order=s.prior_order, max_length=1024, progress=progress, resume=True))
+                                       order=s.prior_order, max_length=1024, progress=progress, resume="auto"))
         timings["prior_s"] = time.perf_counter() - t
         _log(f"prior: {info['num_events']} events, {info['num_contexts']} contexts, {info['num_pairs']} "
              f"(context, token) pairs in {timings['prior_s']:.1f}s")

@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from proxykd_fast.pipeline.config import DATA_HELP, MAX_LENGTH_HELP, PROGRESS_HELP, StageConfig, field, parse_split
-from proxykd_fast.pipeline.options import check_choice, check_range, check_split_spec
+from proxykd_fast.options import check_choice, check_range, check_split_spec, coerce_fields, config_dataclass, option
+from proxykd_fast.pipeline.config import DATA_HELP, MAX_LENGTH_HELP, PROGRESS_HELP, check_resume, parse_split
 
 from .ngram import SMOOTHINGS, NGramPrior, check_tokens, event_windows, sequence_hash, sum_rows
 
@@ -29,37 +28,37 @@ INDEX = "prior.safetensors"
 FORMAT_VERSION = 1
 
 
-@dataclass
-class PriorConfig(StageConfig):
+@config_dataclass
+class PriorConfig:
     """The corpus prior: a back-off n-gram over the teacher's tokens (Witten-Bell or Dirichlet smoothing)."""
 
-    data: str = field(default="", metadata={"help": DATA_HELP + " (required)"})
-    tokenizer: str = field(default="", metadata={
-        "help": "tokenizer the records are read with, the proxy's or student's (one shared vocabulary), a "
-                "Hugging Face id or local dir (required)"})
-    output_dir: str = field(default="proxykd_prior", metadata={
-        "help": "directory of the count shards, prior.safetensors and prior.json (precompute --prior)"})
-    order: int = field(default=3, metadata={
-        "help": "n of the n-gram: contexts of up to n - 1 previous tokens (>= 1; 1: a unigram)"})
-    smoothing: str = field(default="witten_bell", metadata={
-        "help": "witten_bell: each context interpolates with its shorter one by its number of distinct next "
-                "tokens; dirichlet: by a constant pseudo-count --dirichlet-beta"})
-    dirichlet_beta: float = field(default=1.0, metadata={
-        "help": "pseudo-count (> 0) of the shorter context's estimate, smoothing=dirichlet only"})
-    root_pseudocount: float = field(default=1.0, metadata={
-        "help": "pseudo-count (> 0) of the uniform distribution mixed into the unigram, so every token has "
-                "mass"})
-    include_prompts: bool = field(default=False, metadata={
-        "help": "also count the prompts' tokens as events (they are always used as context)"})
-    max_length: int = field(default=1024, metadata={"help": MAX_LENGTH_HELP + " (as in distill)"})
-    split: str = field(default="0:1", metadata={
-        "help": "slice of --data counted, 'start:stop' as fractions (or counts when > 1)"})
-    shard_size: int = field(default=4096, metadata={
-        "help": "records per count shard (the unit --resume keeps)"})
-    resume: bool = field(default=False, metadata={
-        "help": "keep the count shards already written (the stored run info must match); without it the "
-                "stage's files in output_dir are deleted first"})
-    progress: bool = field(default=True, metadata={"help": PROGRESS_HELP})
+    data: str = option("", aliases=("dataset_name",), help=DATA_HELP + " (required)")
+    tokenizer: str = option("", help=(
+        "tokenizer the records are read with, the proxy's or student's (one shared vocabulary), a Hugging Face id "
+        "or local dir (required)"))
+    output_dir: str = option("proxykd_prior", help=(
+        "directory of the count shards, prior.safetensors and prior.json (precompute --prior)"))
+    order: int = option(3, help="n of the n-gram: contexts of up to n - 1 previous tokens (>= 1; 1: a unigram)")
+    smoothing: str = option("witten_bell", help=(
+        "witten_bell: each context interpolates with its shorter one by its number of distinct next tokens; "
+        "dirichlet: by a constant pseudo-count --dirichlet-beta"))
+    dirichlet_beta: float = option(1.0, help="pseudo-count (> 0) of the shorter context's estimate, dirichlet only")
+    root_pseudocount: float = option(1.0, help=(
+        "pseudo-count (> 0) of the uniform distribution mixed into the unigram, so every token has mass"))
+    include_prompts: bool = option(False, help="also count the prompts' tokens as events (always used as context)")
+    max_length: int = option(1024, help=MAX_LENGTH_HELP + " (as in distill and precompute)")
+    split: str = option("0:1", help="slice of --data counted, 'start:stop' as fractions (or counts when > 1)")
+    shard_size: int = option(4096, help="records per count shard (the unit --resume keeps)")
+    resume: bool | str = option(False, help=(
+        "true: keep the count shards already written (the stored run info must match), refused when no run is "
+        "recorded in output_dir; auto: the same, or start fresh when none is; false: delete the stage's files "
+        "first"))
+    progress: bool = option(True, help=PROGRESS_HELP)
+
+    def __post_init__(self) -> None:
+        """Coerce every field to its annotated type, then validate."""
+        coerce_fields(self)
+        self.validate()
 
     def validate(self) -> None:
         """Ranges and choices of the prior options."""
@@ -70,6 +69,7 @@ class PriorConfig(StageConfig):
         check_range("max_length", self.max_length, 2)
         check_range("shard_size", self.shard_size, 1)
         check_split_spec("split", self.split)
+        check_resume("resume", self.resume)
 
 
 RUN_KEYS = ("data", "tokenizer", "order", "include_prompts", "max_length", "split", "shard_size")
@@ -127,9 +127,10 @@ def build_prior(cfg: PriorConfig) -> dict[str, Any]:
     lo, hi = parse_split(cfg.split, total)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
+    resume = bool(cfg.resume) and not (cfg.resume == "auto" and not (out / RUN_INFO).exists())
+    if not resume:
         clear_outputs(_stage_files(out), True)
-    start_run(out / RUN_INFO, {k: getattr(cfg, k) for k in RUN_KEYS}, cfg.resume, True, "prior")
+    start_run(out / RUN_INFO, {k: getattr(cfg, k) for k in RUN_KEYS}, resume, True, "prior")
     (out / META).unlink(missing_ok=True)  # prior.json marks a complete index: rewritten at the end
     n = hi - lo
     n_shards = (n + cfg.shard_size - 1) // cfg.shard_size

@@ -63,7 +63,7 @@ def _proxy_passes(model: torch.nn.Module, examples: list[Any], pad_id: int, cfg:
 
     wrapped = HiddenAndHead(model)
     device = next(model.parameters()).device
-    for chunk in iter_chunks(examples, cfg.batch_size):
+    for chunk in iter_chunks(examples, cfg.per_device_eval_batch_size):
         b = {k: v.to(device) for k, v in sft_batch(chunk, pad_id).items()}
         hidden, w, bias = wrapped(b["input_ids"], b["attention_mask"])
         ids, lps = linear_topk(hidden, w, cfg.top_k, bias=bias, chunk_size=cfg.chunk_size, backend=cfg.backend)
