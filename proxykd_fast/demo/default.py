@@ -166,9 +166,14 @@ UNEVEN_ROWS = ("sft_only", "proxykd", "proxykd_no_weights")
 
 def sft_phase_model(proxy0_dir: Path, align_dir: Path, out: Path) -> Path:
     """The proxy after align-proxy's SFT warm-up only (before any DPO round), saved for from_pretrained."""
+    from proxykd_fast.pipeline.checkpoint import finished_phase
+
     if not (out / "config.json").exists():
+        done = finished_phase(align_dir / "sft")
+        if done is None:
+            raise RuntimeError(f"{align_dir}: align-proxy's SFT phase has not finished")
         model = load_model(str(proxy0_dir))
-        model.load_state_dict(torch.load(align_dir / "sft" / "final_state.pt", map_location="cpu", weights_only=True))
+        model.load_state_dict(done[1])
         save(model, load_tokenizer(str(proxy0_dir)), out)
     return out
 
