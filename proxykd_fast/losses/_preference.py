@@ -144,7 +144,7 @@ class FusedSequenceLoss(torch.autograd.Function):
     """Loss and row log-prob sums; gradients are computed in the forward and scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, plan, ops, obj, out_dtype, shard):  # noqa: ANN001, ANN205, D102
+    def forward(ctx, hidden, weight, bias, plan, ops, obj, out_dtype, shard):
         gh, gw, gb = ctx.needs_input_grad[:3]
         sums, grads = token_pass(Head(hidden, weight, bias), plan, ops, obj, gh, gw, gb, shard)
         ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
@@ -154,7 +154,7 @@ class FusedSequenceLoss(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_loss, _grad_sums):  # noqa: ANN001, ANN205, D102
+    def backward(ctx, grad_loss, _grad_sums):
         dh, dw, db = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         return (_scaled(dh, grad_loss, None), _scaled(dw, grad_loss, w_dtype), _scaled(db, grad_loss, b_dtype),

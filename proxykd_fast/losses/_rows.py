@@ -122,7 +122,7 @@ class FusedRowLoss(torch.autograd.Function):
     """Autograd wrapper: returns (loss, nll_sum, kd_sum); only `loss` is differentiable."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, batch, spec, epilogue):  # noqa: ANN001, ANN205, D102
+    def forward(ctx, hs, ws, bs, batch, spec, epilogue):
         batch = replace(batch, student=Head(hs, ws, bs))
         gh, gw, gb = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         ctx.spec, ctx.epilogue, ctx.template = spec, epilogue, batch
@@ -141,7 +141,7 @@ class FusedRowLoss(torch.autograd.Function):
 
     @staticmethod
     @first_order_only  # the gradient is computed by the engine, not by autograd
-    def backward(ctx, grad_loss, _g_nll, _g_kd):  # noqa: ANN001, ANN205, D102
+    def backward(ctx, grad_loss, _g_nll, _g_kd):
         _, w_dtype, b_dtype = ctx.dtypes
         if ctx.spec.reduction != "none":
             dh, dw, db = ctx.saved_tensors
@@ -232,7 +232,7 @@ class FusedLogProbsEntropy(torch.autograd.Function):
     """Per-token (log-prob, entropy), both differentiable; the backward recomputes the chunks."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, shard):  # noqa: ANN001, ANN205, D102
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, shard):
         step, _ = _log_probs_entropy_pass(Head(hidden, weight, bias), labels, temperature, ignore_index, chunk_size,
                                           shard, None, (False, False, False))
         ctx.save_for_backward(hidden, weight, bias, labels)
@@ -241,7 +241,7 @@ class FusedLogProbsEntropy(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
-    def backward(ctx, g_lp, g_h):  # noqa: ANN001, ANN205, D102
+    def backward(ctx, g_lp, g_h):
         hidden, weight, bias, labels = ctx.saved_tensors
         _, grads = _log_probs_entropy_pass(Head(hidden, weight, bias), labels, *ctx.args, (g_lp, g_h),
                                            tuple(ctx.needs_input_grad[:3]))

@@ -65,7 +65,7 @@ class TileFusedKD(torch.autograd.Function):
     """NLL (+ offline top-k forward KL) with tile-fused kernels; returns (loss, nll_sum, kd_sum)."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, labels, ids, lps, row_weight, spec, options):  # noqa: ANN001, ANN205, D102
+    def forward(ctx, hs, ws, bs, labels, ids, lps, row_weight, spec, options):
         x, w = _operands(hs, ws)
         n = x.shape[0]
         T = spec.temperature
@@ -106,7 +106,7 @@ class TileFusedKD(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_loss, _g_nll, _g_kd):  # noqa: ANN001, ANN205, D102
+    def backward(ctx, grad_loss, _g_nll, _g_kd):
         x, w, bs, lse1, lse2, cols, validf, p, mass, kd_w = ctx.saved_tensors
         spec, T = ctx.spec, ctx.spec.temperature
         c_row = _row_grad(grad_loss, spec, x.shape[0]) * validf
@@ -129,7 +129,7 @@ class TileFusedLogProbs(torch.autograd.Function):
     """Per-token log softmax(z/T)[y] with tile-fused kernels; differentiable."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, options):  # noqa: ANN001, ANN205, D102
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, options):
         x, w = _operands(hidden, weight)
         valid = labels != ignore_index
         y = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
@@ -145,7 +145,7 @@ class TileFusedLogProbs(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205, D102
+    def backward(ctx, grad_out):
         x, w, bias, lse, y, valid = ctx.saved_tensors
         c = grad_out.reshape(-1).float() * valid / ctx.temperature  # d logp_y/dz = (onehot - q_T) / T
         terms = GradTerms(lse, -c, y, c[:, None], 1.0 / ctx.temperature)

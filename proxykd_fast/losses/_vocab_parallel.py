@@ -18,7 +18,7 @@ from torch import Tensor
 try:
     from torch.distributed import ProcessGroup
 except ImportError:  # torch built without distributed support
-    ProcessGroup = object  # noqa: N816
+    ProcessGroup = object
 
 
 @dataclass(frozen=True)
@@ -86,12 +86,12 @@ class _ScaleGrad(torch.autograd.Function):
     """Identity forward; the backward multiplies the gradient by a constant."""
 
     @staticmethod
-    def forward(ctx, x, scale):  # noqa: ANN001, ANN205, D102
+    def forward(ctx, x, scale):
         ctx.scale = scale
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205, D102
+    def backward(ctx, g):
         return g * ctx.scale, None
 
 

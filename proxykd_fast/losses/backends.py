@@ -132,28 +132,28 @@ def token_sums(backend: Backend, head: Head, flat_labels: Tensor, lead: tuple[in
 class ReferenceBackend(Backend):
     """The materializing oracle: full logits and autograd (see reference.py)."""
 
-    def vocab_parallel(self, shard: VocabShard) -> Backend:  # noqa: D102
+    def vocab_parallel(self, shard: VocabShard) -> Backend:
         raise ValueError("backend='reference' materializes the full logits and does not take vocab_parallel_group; "
                          "use backend='torch' (or 'auto') with a sharded head")
 
-    def kd(self, batch: KDBatch, spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
+    def kd(self, batch: KDBatch, spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:
         from .reference import reference_kd
 
         return reference_kd(batch, spec)
 
-    def log_probs(self, head: Head, labels: Tensor, temperature: float, ignore_index: int,  # noqa: D102
+    def log_probs(self, head: Head, labels: Tensor, temperature: float, ignore_index: int,
                   chunk_size: int | None, shard: VocabShard | None = None) -> Tensor:
         from .reference import reference_log_probs
 
         return reference_log_probs(head.hidden, head.weight, head.bias, labels, temperature, ignore_index)
 
-    def log_probs_entropy(self, head: Head, labels: Tensor, temperature: float, ignore_index: int,  # noqa: D102
+    def log_probs_entropy(self, head: Head, labels: Tensor, temperature: float, ignore_index: int,
                           chunk_size: int | None, shard: VocabShard | None = None) -> tuple[Tensor, Tensor]:
         from .reference import reference_log_probs_entropy
 
         return reference_log_probs_entropy(head.hidden, head.weight, head.bias, labels, temperature, ignore_index)
 
-    def topk(self, head: Head, k: int, temperature: float, chunk_size: int | None,  # noqa: D102
+    def topk(self, head: Head, k: int, temperature: float, chunk_size: int | None,
              shard: VocabShard | None = None) -> tuple[Tensor, Tensor]:
         from .reference import reference_topk
 

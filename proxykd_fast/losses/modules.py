@@ -24,7 +24,7 @@ class LinearCrossEntropyLoss(nn.Module):
                                     chunk_size=self.chunk_size, backend=self.backend,
                                     vocab_parallel_group=self.vocab_parallel_group)
 
-    def extra_repr(self) -> str:  # noqa: D102
+    def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}"
 
 
@@ -57,7 +57,7 @@ class ProxyKDLoss(nn.Module):
             vocab_parallel_group=self.vocab_parallel_group,
         )
 
-    def extra_repr(self) -> str:  # noqa: D102
+    def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, nll_weight={self.nll_weight}, temperature={self.temperature}, "
                 f"divergence={self.divergence!r}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")

@@ -248,7 +248,7 @@ def test_plan_packs_whole_pairs_and_streams_long_ones() -> None:
     y[:, :2] = -100  # 8 tokens per row, 16 per pair
     y[1, :] = -100  # pair 1 has 8 tokens
 
-    def spans(plan) -> list[tuple]:  # noqa: ANN001
+    def spans(plan) -> list[tuple]:
         return [(c.start, c.stop, *c.meta) for c in plan.chunks]
 
     plan = plan_pairs(y.view(-1), (2 * B, T), -100, 20)

@@ -12,7 +12,7 @@ from tests.support.loss_cases import leaves, make_problem, max_rel_err
 BACKENDS = [b for b in ("torch", "reference", "triton-chunked", "triton-fused") if b in available_backends("cpu")]
 
 
-def _kd(p, backend: str, online: bool, **kw) -> tuple:  # noqa: ANN001
+def _kd(p, backend: str, online: bool, **kw) -> tuple:
     hs, ws, bs = leaves(p.hs, p.ws, p.bs)
     proxy = (dict(proxy_hidden=p.hp, proxy_weight=p.wp, proxy_bias=p.bp) if online
              else dict(proxy_topk_ids=p.topk_ids, proxy_topk_logprobs=p.topk_lps))
@@ -53,7 +53,7 @@ def test_kd_alone_ignores_the_label_values(backend: str) -> None:
         assert torch.equal(x, y)
 
 
-def _plain_logp_entropy(h, w, b, y, temperature):  # noqa: ANN001, ANN202
+def _plain_logp_entropy(h, w, b, y, temperature):
     """fp64 textbook per-token log-prob and entropy (0 on ignored rows)."""
     z = (h @ w.T + b) / temperature
     log_q = torch.log_softmax(z, -1)

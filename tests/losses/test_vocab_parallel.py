@@ -51,7 +51,7 @@ def _cases(p: dict[str, torch.Tensor], rows: slice, group: object) -> dict[str, 
     up = torch.linspace(-1.0, 2.0, N, dtype=torch.float64)
     h3 = (4, N // 4)
 
-    def kd(div: str, t: float, **kw):  # noqa: ANN202
+    def kd(div: str, t: float, **kw):
         return lambda hs, ws, bs: proxy_kd_loss(hs, ws, p["labels"], student_bias=bs, proxy_hidden=p["hp"],
                                                 proxy_weight=wp, proxy_bias=bp, divergence=div, temperature=t,
                                                 sample_weight=p["sw"], alpha=0.7, chunk_size=7, **vp, **kw)
@@ -59,7 +59,7 @@ def _cases(p: dict[str, torch.Tensor], rows: slice, group: object) -> dict[str, 
     cases = {f"kd_{d}_T{t}": kd(d, t) for d in ("forward_kl", "reverse_kl", "jsd") for t in (1.0, 2.0)}
     cases["kd_none"] = lambda hs, ws, bs: (kd("forward_kl", 1.5, reduction="none")(hs, ws, bs) * up).sum()
     cases["kd_alone"] = kd("jsd", 1.0, nll_weight=0.0)
-    def offline(t: float):  # noqa: ANN202
+    def offline(t: float):
         return lambda hs, ws, bs: proxy_kd_loss(hs, ws, p["labels"], student_bias=bs, proxy_topk_ids=p["ids"],
                                                 proxy_topk_logprobs=p["lps"], temperature=t, chunk_size=6, **vp)
 
@@ -70,7 +70,7 @@ def _cases(p: dict[str, torch.Tensor], rows: slice, group: object) -> dict[str, 
     cases["log_probs"] = lambda hs, ws, bs: (linear_log_probs(hs, ws, p["labels"], bias=bs, temperature=0.7,
                                                               **vp) * up).sum()
 
-    def entropy(hs, ws, bs):  # noqa: ANN001, ANN202
+    def entropy(hs, ws, bs):
         lp, ent = linear_log_probs(hs, ws, p["labels"], bias=bs, return_entropy=True, chunk_size=5, **vp)
         return (lp * up - ent * up.flip(0)).sum()
 

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+import torch
+from safetensors.torch import load_file, save_file
 
-from tests.support.loss_cases import Problem, leaves, make_problem  # noqa: E402
+from tests.support.loss_cases import Problem, leaves, make_problem
 
 Case = Callable[[], dict[str, torch.Tensor]]
 
