@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -48,24 +47,19 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(files: dict[str, Path]
                 alpha=1.0, max_steps=steps, batch_size=3, learning_rate=1e-2, lr_scheduler="linear", warmup_steps=5,
                 save_every=every, eval_data=str(files["val"]), eval_every=40, early_stopping_patience=100,
                 progress=False)
-    argv = [sys.executable, "-m", "proxykd_fast.cli", "distill"]
+    args = ["distill"]
     for k, v in opts.items():
         flag = "--" + k.replace("_", "-")
-        argv += [flag] if v is True else ["--no-" + flag[2:]] if v is False else [flag, str(v)]
+        args += [flag] if v is True else ["--no-" + flag[2:]] if v is False else [flag, str(v)]
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(argv + ["--output-dir", str(out)], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list((out / "checkpoints").glob("step-*/manifest.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.005)
-    time.sleep(0.05)  # let it run past the checkpoint, so the kill lands mid-run
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    # SIGKILL from inside the run right after checkpoint 2 * every: mid-run, at the same step every time
+    killed = subprocess.run([sys.executable, "-m", "tests.support.kill_after_checkpoint", str(2 * every), *args,
+                             "--output-dir", str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (out / "config.json").exists()
-    done = subprocess.run(argv + ["--output-dir", str(out), "--resume"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "proxykd_fast.cli", *args, "--output-dir", str(out), "--resume"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout + done.stderr
 
