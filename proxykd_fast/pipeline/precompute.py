@@ -39,17 +39,21 @@ from .targets import (
 )
 
 RUN_INFO = "precompute_run.json"
-RUN_KEYS = ("proxy", "tokenizer", "data", "split", "top_k", "shard_size", "max_length", "format", "dtype")
+RUN_KEYS = ("proxy", "tokenizer", "data", "split", "top_k", "shard_size", "max_length", "format", "dtype", "prior",
+            "posterior", "prior_strength", "prior_mix", "posterior_fit_data", "posterior_fit_samples")
 
 
 def compute_rows(
     model: torch.nn.Module, examples: list[Example], pad_id: int, cfg: PrecomputeConfig, bar: Any = None,
+    posterior: Any = None,
 ) -> list[TargetRow]:
-    """Top-k targets and answer log-likelihood of each example under the proxy."""
+    """Top-k targets and answer log-likelihood of each example under the proxy (top-k: `posterior`'s, if given)."""
 
     def targets(chunk: list[Example], b: dict[str, Tensor], head: Head) -> list[TargetRow]:
         hidden, w, bias = head
         ids, lps = linear_topk(hidden, w, cfg.top_k, bias=bias, chunk_size=cfg.chunk_size, backend=cfg.backend)
+        if posterior is not None:
+            ids, lps = posterior(hidden, w, bias, chunk, ids, lps)
         ll = sequence_log_probs(hidden, w, b["labels"], bias=bias, chunk_size=cfg.chunk_size, backend=cfg.backend)
         rows = []
         for r, e in enumerate(chunk):
@@ -65,7 +69,7 @@ def compute_rows(
 
 def _stage_files(out: Path) -> list[Path]:
     """The files a precompute run writes in its output dir."""
-    names = [MANIFEST, WEIGHTS, RUN_INFO]
+    names = [MANIFEST, WEIGHTS, RUN_INFO, "posterior_fit.json"]
     return [out / n for n in names] + sorted(out.glob("shard-*.parquet")) + sorted(out.glob("shard-*.safetensors")) \
         + sorted(out.glob(".shard-*.tmp"))
 
@@ -99,6 +103,11 @@ def _precompute(cfg: PrecomputeConfig, acc: Any) -> dict[str, Any]:
              sync=False)  # the other processes wait at the end
     (out / MANIFEST).unlink(missing_ok=True)  # the manifest marks a complete run: rewritten at the end
     n = hi - lo
+    posterior = None
+    if cfg.prior:  # the paper's first version: Bayesian targets (proxykd_fast.prior)
+        from proxykd_fast.prior.hook import PosteriorTargets, fit_examples
+
+        posterior = PosteriorTargets(cfg, tok, model, out, fit_examples(cfg, tok, lo, hi))
     n_shards = (n + cfg.shard_size - 1) // cfg.shard_size
     from tqdm.auto import tqdm
 
@@ -116,7 +125,7 @@ def _precompute(cfg: PrecomputeConfig, acc: Any) -> dict[str, Any]:
                 bar.update(len(records))
                 continue
             examples = tokenize_records(records, tok, cfg.max_length, start_index=start)
-            write_shard(out / name, compute_rows(model, examples, tok.pad_token_id, cfg, bar), cfg.top_k, cfg.format)
+            write_shard(out / name, compute_rows(model, examples, tok.pad_token_id, cfg, bar, posterior), cfg.top_k, cfg.format)
             written += 1
     # Weight statistics from the stored log-likelihood columns only.
     idx, ll, nt = (np.concatenate(x) for x in zip(*(read_logliks(out / name) for name in names)))
@@ -131,6 +140,11 @@ def _precompute(cfg: PrecomputeConfig, acc: Any) -> dict[str, Any]:
         "loglik_mean": float(lv.mean()), "loglik_std": float(lv.std()), "weight_mean": float(weights.mean()),
         "data": str(cfg.data), "split": cfg.split,
     }
+    if posterior is not None:
+        manifest["posterior"] = posterior.summary()
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    return {**manifest, "written": written, "skipped": skipped, "seconds": time.perf_counter() - t0}
+    result = {**manifest, "written": written, "skipped": skipped, "seconds": time.perf_counter() - t0}
+    if posterior is not None:
+        result["posterior_timing"] = posterior.timing()
+    return result
 
