@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PRESET ?= default
 SEEDS ?= 0
+FULL ?=
+ALPHAS ?=
 
 .PHONY: test demo bench lint clean
 
@@ -19,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
 
 demo: $(STAMP)
-	$(PY) -m proxykd_fast.demo --preset $(PRESET) --seeds $(SEEDS)
+	$(PY) -m proxykd_fast.demo --preset $(PRESET) --seeds $(SEEDS) $(if $(FULL),--full) $(if $(ALPHAS),--alpha-sweep $(ALPHAS))
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/cpu_losses.py

@@ -14,6 +14,7 @@ from typing import Any
 
 from .argparsing import Command, build_command_parser, run_command, subcommand_parser
 from .pipeline.config import AlignProxyConfig, DistillConfig, EvalConfig, PrecomputeConfig
+from .prior.build import PriorConfig
 
 EXIT_UNFINISHED = 3
 
@@ -53,8 +54,16 @@ def _eval(cfg: EvalConfig) -> Any:
     return evaluate(cfg)
 
 
+def _prior(cfg: Any) -> Any:
+    from .prior.build import build_prior
+
+    return build_prior(cfg)
+
+
 STAGES = {
     "align-proxy": Command(AlignProxyConfig, _stage(_align), "SFT warm-up + NLL/DPO rounds to align the proxy"),
+    "prior": Command(PriorConfig, _stage(_prior), "count the teacher's tokens into a back-off n-gram prior "
+                     "(precompute --prior)"),
     "precompute": Command(PrecomputeConfig, _stage(_precompute), "store the proxy's top-k targets and sample weights"),
     "distill": Command(DistillConfig, _stage(_distill), "train the student: NLL + alpha * w * KL(proxy || student)"),
     "eval": Command(EvalConfig, _stage(_eval), "held-out NLL, KL to a reference model, generation samples"),

@@ -90,8 +90,13 @@ def words_to_text(words: np.ndarray) -> str:
     return " ".join(f"t{int(w)}" for w in words)
 
 
-def pretrain(model: Any, seqs: np.ndarray, steps: int, batch: int, lr: float, seed: int, desc: str) -> list[float]:
-    """Plain next-token training on word sequences (token id = word + OFFSET), cosine schedule."""
+def pretrain(model: Any, seqs: np.ndarray, steps: int, batch: int, lr: float, seed: int, desc: str,
+             skip_contexts: np.ndarray | None = None) -> list[float]:
+    """Plain next-token training on word sequences (token id = word + OFFSET), cosine schedule.
+
+    `skip_contexts` (word ids): positions whose previous word is one of them get no loss, so the model
+    never learns what follows those contexts (the uneven-alignment variant of the demo's proxy).
+    """
     from tqdm.auto import tqdm
 
     from proxykd_fast.losses import linear_cross_entropy
@@ -108,6 +113,8 @@ def pretrain(model: Any, seqs: np.ndarray, steps: int, batch: int, lr: float, se
         idx = torch.randint(0, len(data), (batch,), generator=gen)
         ids = data[idx]
         labels = torch.cat([ids[:, 1:], torch.full((batch, 1), -100)], dim=1)
+        if skip_contexts is not None and len(skip_contexts):
+            labels[torch.isin(ids, torch.from_numpy(skip_contexts + OFFSET))] = -100
         hidden, w, b = wrapped(ids, torch.ones_like(ids))
         loss = linear_cross_entropy(hidden, w, labels, bias=b)
         loss.backward()

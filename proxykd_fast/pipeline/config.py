@@ -381,12 +381,36 @@ class PrecomputeConfig(StageConfig):
         "true: keep the shards already written (the stored run info must match), refused when no run is recorded "
         "in output_dir; auto: the same, or start fresh (saying so) when none is; false: delete existing shards "
         "first"))
+    # Bayesian targets (the paper's first version; proxykd_fast.prior): see `proxykd prior`.
+    prior: str | None = option(None, help=(
+        "a `proxykd prior` output dir: store the posterior's top-k (corpus counts updated with the proxy, "
+        "leave-one-out) instead of the proxy's; the weights stay the proxy's"))
+    posterior: str = option("dirichlet", help=(
+        "with --prior: dirichlet (q = (c + kappa * base) / (n + kappa), base = alpha * proxy + (1 - alpha) * "
+        "shorter-context prior), product (log q = lambda log prior + (1 - lambda) log proxy, normalised over the "
+        "vocabulary) or prior (the corpus prior alone)"))
+    prior_strength: float | None = option(None, help=(
+        "kappa (dirichlet, > 0) or lambda (product, in [0, 1]); unset: fitted to the held-out likelihood of "
+        "teacher tokens (leave-one-out), written to posterior_fit.json"))
+    prior_mix: float | None = option(None, help=(
+        "alpha in [0, 1], the proxy's share of the dirichlet base measure (1: the proxy alone); unset: fitted "
+        "with kappa"))
+    posterior_fit_data: str | None = option(None, help=(
+        "teacher records the strength is fitted on (ideally ones the proxy was not trained on); unset: the first "
+        "--posterior-fit-samples samples of the split, each without its own counts"))
+    posterior_fit_samples: int = option(1000, help="most samples the strength is fitted on")
 
-    PATH_OPTIONS: ClassVar[tuple[str, ...]] = ("output_dir", "proxy", "data", "tokenizer")
+    PATH_OPTIONS: ClassVar[tuple[str, ...]] = ("output_dir", "proxy", "data", "tokenizer", "prior",
+                                               "posterior_fit_data")
 
     def validate(self) -> None:
         """Ranges and choices of the precompute options."""
+        from proxykd_fast.prior.hook import check_posterior_options
+
         super().validate()
+        check_posterior_options(self.prior, self.posterior, self.prior_strength, self.prior_mix,
+                                self.posterior_fit_data)
+        check_range("posterior_fit_samples", self.posterior_fit_samples, 1)
         check_range("top_k", self.top_k, 1)
         check_range("shard_size", self.shard_size, 1)
         check_choice("format", self.format, ("parquet", "safetensors"))
@@ -410,9 +434,10 @@ class DistillConfig(TrainConfig):
         DATA_HELP + "; read with an online --proxy or --alpha 0 (offline targets carry their tokens)"))
     split: str = option("0.55:1", help=STUDENT_SPLIT_HELP + " (online proxy / --alpha 0 only: offline targets were "
                                                             "split by precompute)")
-    alpha: float = option(100.0, help=(
-        "weight of the KD term in NLL + alpha * w * T^2 * KL(proxy || student) (the paper uses 100); 0: plain SFT "
-        "on the teacher answers, needing only --data"))
+    alpha: float = option(10.0, help=(
+        "weight of the KD term in the per-token mean of NLL + alpha * w * T^2 * KL(proxy || student); 10 was best "
+        "in the demo's alpha sweep (README); the paper's 100 goes with its own normalisation; 0: plain SFT on the "
+        "teacher answers, needing only --data"))
     temperature: float = option(1.0, help=(
         "T (> 0): the KD term compares both distributions softened by T and is scaled by T^2; the NLL uses T = 1"))
     divergence: str = option("forward_kl", help=(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from proxykd_fast.integrations import hf
 
 
 class PipelineError(RuntimeError):
@@ -60,134 +63,42 @@ def check_attn_implementation(name: str) -> None:
             "CUDA GPU, which this machine does not have: use sdpa (the default) or eager")
 
 
-SOFTCAPPING_KEYS = ("final_logit_softcapping", "attn_logit_softcapping_final")
+def _pipeline_errors(fn: Any) -> Any:
+    """Re-raise the integration's UnsupportedModelError as a PipelineError (what the CLI reports)."""
 
-
-def _configs(model: nn.Module) -> list[Any]:
-    """The model's config and, when different, its (possibly nested) text config (e.g. Gemma-3's)."""
-    cfg = getattr(_causal_lm(model), "config", None)
-    if cfg is None:
-        return []
-    found = [cfg]
-    nested = getattr(cfg, "text_config", None)
-    get_text = getattr(cfg, "get_text_config", None)
-    if nested is None and callable(get_text):
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
-            nested = get_text()
-        except (TypeError, ValueError):  # pragma: no cover - exotic configs
-            nested = None
-    if nested is not None and nested is not cfg:
-        found.append(nested)
-    return found
+            return fn(*args, **kwargs)
+        except hf.UnsupportedModelError as e:
+            raise PipelineError(str(e)) from e
+
+    return wrapped
 
 
-def check_supported(model: nn.Module) -> None:
-    """Refuse models whose logits are not `hidden @ W.T + b` up to a scale (e.g. Gemma softcapping)."""
-    for i, cfg in enumerate(_configs(model)):
-        where = "text_config." if i else ""
-        for name in SOFTCAPPING_KEYS:
-            if getattr(cfg, name, None):
-                raise PipelineError(
-                    f"model config sets {where}{name}={getattr(cfg, name)}: the fused losses compute plain "
-                    "hidden @ W.T logits and cannot apply tanh softcapping; this model is not supported"
-                )
-        scaling = getattr(cfg, "logits_scaling", None)
-        if scaling is not None and not float(scaling) > 0:
-            raise PipelineError(f"model config sets {where}logits_scaling={scaling}: expected a positive divisor")
-
-
-def logit_scale(model: nn.Module) -> float:
-    """The multiplier the model applies to its logits: Cohere's `logit_scale`, 1 / Granite's `logits_scaling`."""
-    scale = 1.0
-    for cfg in _configs(model):
-        cohere = getattr(cfg, "logit_scale", None)
-        granite = getattr(cfg, "logits_scaling", None)
-        if cohere is not None:
-            scale *= float(cohere)
-        if granite is not None:
-            scale /= float(granite)
-    return scale
-
-
-@torch.no_grad()
-def check_head_matches_logits(model: nn.Module, name: str = "model") -> None:
-    """Run 4 tokens through the model and refuse it if its logits are not what the fused losses compute."""
-    was_training = model.training
-    model.eval()
-    head, bias = head_params(model)
-    device = head.device
-    ids = torch.arange(1, 5, device=device).clamp_max(head.shape[0] - 1)[None]
-    mask = torch.ones_like(ids)
-    try:
-        want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    finally:
-        model.train(was_training)
-    hidden, w, b = HiddenAndHead(model)(ids, mask)
-    got = hidden.float() @ w.float().t() + (0 if b is None else b.float())
-    tol = (1e-3 if head.dtype in (torch.float32, torch.float64) else 5e-2) * (1 + float(want.abs().max()))
-    err = float((got - want).abs().max())
-    if not err <= tol:
-        raise PipelineError(
-            f"{name}: the model's logits differ from backbone hidden @ lm_head.weight.T (max error {err:.3g}): "
-            "it post-processes its logits in a way the fused losses do not reproduce; this model is not supported"
-        )
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / accelerate / compile wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers causal LM under a peft wrapper, if any."""
-    model = _unwrap(model)
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-causal_lm = _causal_lm
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The decoder stack that returns the last hidden state (before the lm_head)."""
-    lm = _causal_lm(model)
-    get_decoder = getattr(lm, "get_decoder", None)
-    dec = get_decoder() if callable(get_decoder) else None
-    if dec is None:
-        dec = getattr(lm, lm.base_model_prefix, None) if hasattr(lm, "base_model_prefix") else None
-    if dec is None or dec is lm:
-        raise PipelineError(f"cannot find the backbone of {type(lm).__name__}")
-    return dec
-
-
-def head_params(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The lm_head weight [V, H] and bias (or None); with tied embeddings this is the embedding."""
-    head = _causal_lm(model).get_output_embeddings()
-    if head is None:
-        raise PipelineError("model has no output embeddings (lm_head)")
-    base = getattr(head, "base_layer", head)
-    if hasattr(head, "lora_A"):
-        raise PipelineError("LoRA on lm_head is not supported: the fused loss reads the head weight directly")
-    return base.weight, getattr(base, "bias", None)
-
-
-def vocab_size(model: nn.Module) -> int:
-    """Number of rows of the output head."""
-    return int(head_params(model)[0].shape[0])
+# One implementation, in proxykd_fast.integrations.hf (the public API); these names keep the pipeline's.
+check_supported = _pipeline_errors(hf.check_supported)
+check_head_matches_logits = _pipeline_errors(hf.check_head_matches_logits)
+head_params = _pipeline_errors(hf.head_params)
+vocab_size = _pipeline_errors(hf.vocab_size)
+logit_scale = hf.logit_scale
+_unwrap = hf.unwrap
+causal_lm = hf.causal_lm
+_hidden_and_head = _pipeline_errors(hf.hidden_and_head)
 
 
 class HiddenAndHead(nn.Module):
     """Wrap a causal LM so that forward returns (last hidden state, head weight, head bias), or runs a loss on them.
 
-    Training calls go through this module's forward with `head_fn`, so the fused loss runs inside it:
-    DDP's hooks fire, and under FSDP2 (this module is the root unit, holding the embeddings and the
-    head) the head weight is the gathered one and its gradient is reduce-scattered by FSDP itself. The
-    losses read the head without any [tokens x vocab] logits. With `autocast` (e.g. torch.bfloat16) the
-    backbone runs under torch.autocast and the hidden states, head weight and bias reach the loss in that
-    dtype, as autocast would run the head's matmul (the loss accumulates in fp32; the fp32 master weight
-    gets the gradient). With `packing` the batch's samples run concatenated (see `pack_batch`).
+    The hidden states come from the model's own forward (`integrations.hf.hidden_and_head`), so its
+    hooks apply; the losses read the head without any [tokens x vocab] logits. Training calls pass
+    `head_fn`, which runs inside the head's call: DDP's hooks fire, and under FSDP2 (this module is
+    the root unit, holding the embeddings and the head) the head weight is the gathered one and FSDP
+    reduce-scatters its gradient itself. With `autocast` (e.g. torch.bfloat16) the model runs under
+    torch.autocast and the hidden states, head weight and bias reach the loss in that dtype, as
+    autocast would run the head's matmul (the loss accumulates in fp32; the fp32 master weight gets
+    the gradient). With `packing` the batch's samples run concatenated (see `pack_batch`) and the
+    hidden states come back in the batch's padded layout.
     """
 
     def __init__(self, model: nn.Module, autocast: torch.dtype | None = None, packing: bool = False) -> None:
@@ -199,30 +110,21 @@ class HiddenAndHead(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 head_fn: Callable[[Tensor, Tensor, Tensor | None], Any] | None = None) -> Any:
-        """Backbone hidden states (scaled by logit_scale) and the head parameters, or `head_fn` of them."""
-        weight, bias = head_params(self.model)
-        if self.autocast is None:
-            hidden = self._hidden(input_ids, attention_mask)
-        else:
-            with torch.autocast(device_type=input_ids.device.type, dtype=self.autocast):
-                hidden = self._hidden(input_ids, attention_mask)
-            hidden, weight = hidden.to(self.autocast), weight.to(self.autocast)
-            bias = None if bias is None else bias.to(self.autocast)
-        scale = logit_scale(self.model)
-        if scale != 1.0:
-            hidden = hidden * scale
-        return (hidden, weight, bias) if head_fn is None else head_fn(hidden, weight, bias)
-
-    def _hidden(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """The backbone's last hidden state [B, T, H] (padding-free inside when packing)."""
-        dec = backbone(self.model)
+        """Hidden states (scaled by logit_scale) and the head parameters, or `head_fn` of them."""
+        ids, mask, keep, kwargs = input_ids, attention_mask, None, {}
         if self.packing and attention_mask is not None and input_ids.shape[0] > 1:
-            flat, positions, keep = pack_batch(input_ids, attention_mask)
-            out = dec(input_ids=flat, position_ids=positions, attention_mask=None, use_cache=False)
-            packed = out[0] if isinstance(out, tuple) else out.last_hidden_state
-            return unpack_hidden(packed, keep)
-        out = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+            ids, positions, keep = pack_batch(input_ids, attention_mask)
+            mask, kwargs = None, {"position_ids": positions}
+
+        def fn(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:
+            if keep is not None:
+                hidden = unpack_hidden(hidden, keep)
+            return (hidden, weight, bias) if head_fn is None else head_fn(hidden, weight, bias)
+
+        if self.autocast is None:
+            return _hidden_and_head(self.model, ids, mask, fn=fn, **kwargs)
+        with torch.autocast(device_type=input_ids.device.type, dtype=self.autocast):
+            return _hidden_and_head(self.model, ids, mask, fn=fn, head_dtype="autocast", **kwargs)
 
     def generate(self, **kwargs: Any) -> Any:
         """The wrapped model's `generate` (registered as a forward method under FSDP, so the root is gathered)."""

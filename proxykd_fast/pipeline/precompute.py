@@ -26,9 +26,9 @@ from proxykd_fast.losses import linear_topk, sequence_log_probs
 from .bootstrap import open_run, start_stage
 from .config import PrecomputeConfig, parse_split
 from .data import Example, count_records, iter_records, sft_batch, tokenize_records
-from .modeling import check_model_matches_tokenizer, check_same_vocab, load_tokenizer
+from .modeling import PipelineError, check_model_matches_tokenizer, check_same_vocab, load_tokenizer
 from .scoring import Head, score_batches
-from .sharding import broadcast_object, prepare_model
+from .sharding import broadcast_object, local_view, prepare_model
 from .targets import (
     MANIFEST,
     WEIGHTS,
@@ -41,20 +41,23 @@ from .targets import (
 )
 
 RUN_INFO = "precompute_run.json"
-RUN_KEYS = ("proxy", "tokenizer", "data", "split", "top_k", "shard_size", "max_length", "format", "dtype",
+RUN_KEYS = ("proxy", "tokenizer", "data", "split", "top_k", "shard_size", "max_length", "format", "dtype", "prior",
+            "posterior", "prior_strength", "prior_mix", "posterior_fit_data", "posterior_fit_samples",
             "mixed_precision", "attn_implementation", "packing")
 
 
 def compute_rows(
     model: torch.nn.Module, examples: list[Example], pad_id: int, cfg: PrecomputeConfig, bar: Any = None,
-    acc: Any = None,
+    posterior: Any = None, acc: Any = None,
 ) -> list[TargetRow]:
-    """Top-k targets and answer log-likelihood of each example under the proxy (batches split over `acc`'s
-    processes: the rows do not depend on their number)."""
+    """Top-k targets (`posterior`'s, if given) and answer log-likelihood of each example under the proxy
+    (batches split over `acc`'s processes: the rows do not depend on their number)."""
 
     def targets(chunk: list[Example], b: dict[str, Tensor], head: Head) -> list[TargetRow]:
         hidden, w, bias = head
         ids, lps = linear_topk(hidden, w, cfg.top_k, bias=bias, chunk_size=cfg.chunk_size, backend=cfg.backend)
+        if posterior is not None:
+            ids, lps = posterior(hidden, w, bias, chunk, ids, lps)
         ll = sequence_log_probs(hidden, w, b["labels"], bias=bias, chunk_size=cfg.chunk_size, backend=cfg.backend)
         rows = []
         for r, e in enumerate(chunk):
@@ -70,7 +73,7 @@ def compute_rows(
 
 def _stage_files(out: Path) -> list[Path]:
     """The files a precompute run writes in its output dir."""
-    names = [MANIFEST, WEIGHTS, RUN_INFO]
+    names = [MANIFEST, WEIGHTS, RUN_INFO, "posterior_fit.json"]
     return [out / n for n in names] + sorted(out.glob("shard-*.parquet")) + sorted(out.glob("shard-*.safetensors")) \
         + sorted(out.glob(".shard-*.tmp"))
 
@@ -83,6 +86,23 @@ def precompute(cfg: PrecomputeConfig, accelerator: Any = None) -> dict[str, Any]
     same bytes as one process writes. Every process returns the result.
     """
     cfg, acc = start_stage(cfg, accelerator)
+    # --prior's posterior (its strength fit included) runs on the main process alone, the others wait
+    solo = bool(cfg.prior) and acc.num_processes > 1
+    if cfg.prior and cfg.fsdp:
+        raise PipelineError("precompute --prior does not run with --fsdp yet (the posterior fit scores the proxy on "
+                            "one process): run it without --fsdp, on one process or a proxy that fits one device")
+    if solo and not acc.is_main_process:
+        acc.wait_for_everyone()
+        return broadcast_object(None, acc)
+    result = _precompute(cfg, local_view(acc) if solo else acc)
+    if solo:
+        acc.wait_for_everyone()
+        broadcast_object(result, acc)
+    return result
+
+
+def _precompute(cfg: PrecomputeConfig, acc: Any) -> dict[str, Any]:
+    """The run itself, on every process of `acc` (which split the batches)."""
     t0 = time.perf_counter()
     tok = load_tokenizer(cfg.tokenizer or cfg.proxy)
     if cfg.tokenizer:
@@ -96,6 +116,11 @@ def precompute(cfg: PrecomputeConfig, accelerator: Any = None) -> dict[str, Any]
     if acc.is_main_process:
         (out / MANIFEST).unlink(missing_ok=True)  # the manifest marks a complete run: rewritten at the end
     n = hi - lo
+    posterior = None
+    if cfg.prior:  # the paper's first version: Bayesian targets (proxykd_fast.prior)
+        from proxykd_fast.prior.hook import PosteriorTargets, fit_examples
+
+        posterior = PosteriorTargets(cfg, tok, model.model, out, fit_examples(cfg, tok, lo, hi))
     n_shards = (n + cfg.shard_size - 1) // cfg.shard_size
     names = [shard_name(s, cfg.format) for s in range(n_shards)]
     # The main process decides which shards exist, before any is written, so every process skips alike.
@@ -114,17 +139,20 @@ def precompute(cfg: PrecomputeConfig, accelerator: Any = None) -> dict[str, Any]
                 bar.update(len(records))
                 continue
             examples = tokenize_records(records, tok, cfg.max_length, start_index=start)
-            rows = compute_rows(model, examples, tok.pad_token_id, cfg, bar, acc=acc)
+            rows = compute_rows(model, examples, tok.pad_token_id, cfg, bar, posterior, acc=acc)
             if acc.is_main_process:
                 write_shard(out / name, rows, cfg.top_k, cfg.format)
             written += 1
-    result = _finish(cfg, out, names, n, tok) if acc.is_main_process else None
+    result = _finish(cfg, out, names, n, tok, posterior) if acc.is_main_process else None
     acc.wait_for_everyone()
     result = broadcast_object(result, acc)
-    return {**result, "written": written, "skipped": skipped, "seconds": time.perf_counter() - t0}
+    result = {**result, "written": written, "skipped": skipped, "seconds": time.perf_counter() - t0}
+    if posterior is not None:
+        result["posterior_timing"] = posterior.timing()
+    return result
 
 
-def _finish(cfg: PrecomputeConfig, out: Path, names: list[str], n: int, tok: Any) -> dict[str, Any]:
+def _finish(cfg: PrecomputeConfig, out: Path, names: list[str], n: int, tok: Any, posterior: Any) -> dict[str, Any]:
     """The weights (dataset statistics from the shards' stored log-likelihoods only) and the manifest."""
     idx, ll, nt = (np.concatenate(x) for x in zip(*(read_logliks(out / name) for name in names)))
     weights = sigmoid_weights(torch.from_numpy(ll), torch.from_numpy(nt.astype(np.int64)), cfg.loglik,
@@ -138,5 +166,7 @@ def _finish(cfg: PrecomputeConfig, out: Path, names: list[str], n: int, tok: Any
         "loglik_mean": float(lv.mean()), "loglik_std": float(lv.std()), "weight_mean": float(weights.mean()),
         "data": str(cfg.data), "split": cfg.split,
     }
+    if posterior is not None:
+        manifest["posterior"] = posterior.summary()
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest

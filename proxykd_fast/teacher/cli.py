@@ -93,7 +93,7 @@ class ServeConfig:
     fault_kinds: str = option(",".join(FAULT_KINDS), help=f"comma list of fault kinds ({','.join(FAULT_KINDS)})")
     fault_seed: int = option(0, help="seed of the fault schedule")
     fault_retry_after: float = option(1.0, help="Retry-After seconds sent with 429")
-    fault_slow_seconds: float = option(30.0, help="stall of a 'slow' fault")
+    fault_slow_seconds: float = option(30.0, help="longest stall of a 'slow' fault (it ends sooner when the client gives up)")
     latency: float = option(0.0, help="extra seconds on every completion request")
     log_level: str = option("info", help="uvicorn log level")
 

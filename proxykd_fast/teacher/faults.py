@@ -38,7 +38,7 @@ class FaultConfig:
     rates: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     retry_after: float = 1.0
-    slow_seconds: float = 5.0
+    slow_seconds: float = 5.0  # longest stall; a stall ends when the client disconnects
     latency: float = 0.0
     paths: tuple[str, ...] = COMPLETION_PATHS
 

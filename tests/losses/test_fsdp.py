@@ -11,14 +11,13 @@ reduce-scatters both of its gradients (embedding and head) itself.
 
 from __future__ import annotations
 
-import os
-import socket
 import types
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tests.support.dist import spawn
 
 VOCAB, HIDDEN, SEQ = 53, 16, 9
 
@@ -67,40 +66,34 @@ def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.named_parameters()}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, kind: str, tied: bool) -> None:
+def _worker(rank: int, world: int, out_dir: str, kind: str, tied: bool) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = _model(tied)
-        ids, labels = _batches()[rank]
-        if tied:
-            from torch.distributed.fsdp import register_fsdp_forward_method
+    model = _model(tied)
+    ids, labels = _batches()[rank]
+    if tied:
+        from torch.distributed.fsdp import register_fsdp_forward_method
 
-            model.fused_loss = types.MethodType(lambda self, i, y: _loss(self, i, y, kind), model)
-            fully_shard(model)
-            register_fsdp_forward_method(model, "fused_loss")
-            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-            loss = model.fused_loss(ids, labels)
-        else:
-            fully_shard(model.model)
-            fully_shard(model.lm_head)  # its own unit: lm_head.weight is a DTensor outside its forward
-            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-            loss = _loss(model, ids, labels, kind)
-        loss.backward()
-        opt.step()
-        state = _full_state(model)
-        if rank == 0:
-            torch.save(state, Path(out_dir) / "rank0.pt")
-        losses = [torch.zeros(()) for _ in range(world)]
-        dist.all_gather(losses, loss.detach())
-        if rank == 0:
-            torch.save(torch.stack(losses), Path(out_dir) / "losses.pt")
-    finally:
-        dist.destroy_process_group()
+        model.fused_loss = types.MethodType(lambda self, i, y: _loss(self, i, y, kind), model)
+        fully_shard(model)
+        register_fsdp_forward_method(model, "fused_loss")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        loss = model.fused_loss(ids, labels)
+    else:
+        fully_shard(model.model)
+        fully_shard(model.lm_head)  # its own unit: lm_head.weight is a DTensor outside its forward
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        loss = _loss(model, ids, labels, kind)
+    loss.backward()
+    opt.step()
+    state = _full_state(model)
+    if rank == 0:
+        torch.save(state, Path(out_dir) / "rank0.pt")
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, loss.detach())
+    if rank == 0:
+        torch.save(torch.stack(losses), Path(out_dir) / "losses.pt")
 
 
 def _single(kind: str, tied: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -113,15 +106,9 @@ def _single(kind: str, tied: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor
     return losses.detach(), {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(("kind", "tied"), [("ce", False), ("kd", False), ("ce", True)])
 def test_fsdp2_step_equals_single_process_step(kind: str, tied: bool, tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), kind, tied), nprocs=2, join=True)
+    spawn(_worker, 2, tmp_path, str(tmp_path), kind, tied)
     want_losses, want_state = _single(kind, tied)
     got_losses = torch.load(tmp_path / "losses.pt", weights_only=True)
     got = torch.load(tmp_path / "rank0.pt", weights_only=True)

@@ -9,13 +9,12 @@ shard's rows of the weight and bias gradients are compared with the unsharded co
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tests.support.dist import spawn
 
 V, H, HP, N = 97, 12, 10, 20
 SHARDS = {2: [40, 57], 3: [30, 30, 37]}
@@ -103,34 +102,22 @@ def _run_all(p: dict[str, torch.Tensor], rows: slice, group: object) -> dict[str
     return out
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        sizes = SHARDS[world]
-        start = sum(sizes[:rank])
-        rows = slice(start, start + sizes[rank])
-        p = _problem()
-        res = _run_all(p, rows, dist.group.WORLD)
-        from proxykd_fast.losses import linear_cross_entropy
+    from proxykd_fast.losses import linear_cross_entropy
 
-        try:  # every rank must pass the same tokens: a rank-dependent hidden is refused on every rank
-            linear_cross_entropy(p["hs"] + rank, p["ws"][rows], p["labels"], vocab_parallel_group=dist.group.WORLD)
-            res["refused"] = torch.tensor(0)
-        except ValueError as exc:
-            res["refused"] = torch.tensor(int("hidden differs across the ranks" in str(exc)))
-        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    sizes = SHARDS[world]
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    p = _problem()
+    res = _run_all(p, rows, dist.group.WORLD)
+    try:  # every rank must pass the same tokens: a rank-dependent hidden is refused on every rank
+        linear_cross_entropy(p["hs"] + rank, p["ws"][rows], p["labels"], vocab_parallel_group=dist.group.WORLD)
+        res["refused"] = torch.tensor(0)
+    except ValueError as exc:
+        res["refused"] = torch.tensor(int("hidden differs across the ranks" in str(exc)))
+    torch.save(res, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +128,7 @@ def single() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_results_equal_the_unsharded_ones(world: int, single: dict, tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    spawn(_worker, world, tmp_path, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     sizes = SHARDS[world]
     assert all(int(r["refused"]) == 1 for r in ranks)

@@ -7,11 +7,11 @@ per-example work (reference log-probs, rejected samples) is sharded over ranks a
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
+
+from tests.support.dist import spawn
 
 VOCAB, SEED = 44, 0
 
@@ -90,17 +90,6 @@ def _grads(rank: int, world: int, out: str) -> None:
     acc.wait_for_everyone()
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    _grads(rank, world, out)
-    torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_gloo_gradients_match_single_process(tmp_path: Path) -> None:
@@ -112,7 +101,7 @@ def test_two_process_gloo_gradients_match_single_process(tmp_path: Path) -> None
     finally:
         os.environ.update(saved)
     multi = tmp_path / "multi.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(multi)), nprocs=2, join=True)
+    spawn(_grads, 2, tmp_path, str(multi))  # a file rendezvous: no free-port race
     a = torch.load(f"{single}.0", weights_only=True)
     b, b1 = (torch.load(f"{multi}.{r}", weights_only=True) for r in (0, 1))
     for part in ("sft", "dpo"):

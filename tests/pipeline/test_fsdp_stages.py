@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.support.distributed import single_process, spawn
+from tests.support.dist import single_process, spawn
 from tests.support.pipeline_data import tiny_model, write_data
 
 WORLD = 2
@@ -62,16 +62,14 @@ def _configs(files: dict[str, Path], out: Path, world: int) -> dict[str, Any]:
     }
 
 
-def _pipeline(files: dict[str, Path], out: Path, world: int, stages: tuple[str, ...] = ALL) -> None:
-    """Run the stages of `_configs` named in `stages` (all processes call this)."""
-    import torch.distributed as dist
-
+def _pipeline(rank: int, world: int, files: dict[str, Path], out: Path, stages: tuple[str, ...] = ALL) -> None:
+    """Run the stages of `_configs` named in `stages` (every process calls this)."""
     from proxykd_fast.pipeline import align_proxy, distill, evaluate, precompute
 
     cfgs = _configs(files, out, world)
     run = {"precompute": precompute, "eval": evaluate, "align": align_proxy}
     summaries = {name: run.get(name, distill)(cfgs[name]) for name in stages}
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank == 0:
         (out / "summaries.json").write_text(json.dumps(summaries, sort_keys=True))
 
 
@@ -83,10 +81,10 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_every_stage_under_fsdp2_equals_the_single_process_run(files: dict[str, Path]) -> None:
     root = files["root"]
-    spawn(_pipeline, WORLD, root, files, root / "fsdp", WORLD)
-    spawn(_pipeline, 1, root, files, root / "fsdp1", 1, MIXED)
+    spawn(_pipeline, WORLD, root, files, root / "fsdp")
+    spawn(_pipeline, 1, root, files, root / "fsdp1", MIXED)
     with single_process():
-        _pipeline(files, root / "single", 1, ALL[:-2])
+        _pipeline(0, 1, files, root / "single", ALL[:-2])
     one, two = root / "single", root / "fsdp"
 
     # precompute: the same files, byte for byte

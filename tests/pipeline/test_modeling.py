@@ -88,13 +88,9 @@ def test_softcapping_is_refused_top_level_and_nested() -> None:
 def test_unknown_logit_post_processing_is_caught_by_the_probe() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    class Doubled(LlamaForCausalLM):
-        def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            out = super().forward(*args, **kwargs)
-            out.logits = out.logits * 2
-            return out
+    from tests.support.tiny_lm import doubled_logits_llama
 
     torch.manual_seed(0)
     with pytest.raises(PipelineError, match="logits differ"):
-        check_head_matches_logits(Doubled(LlamaConfig(**SIZES)))
+        check_head_matches_logits(doubled_logits_llama(LlamaConfig(**SIZES)))
     check_head_matches_logits(LlamaForCausalLM(LlamaConfig(**SIZES)))

@@ -26,7 +26,7 @@ from proxykd_fast.pipeline import (
 )
 from proxykd_fast.pipeline.faults import KILL_AFTER_CHECKPOINT
 from proxykd_fast.pipeline.metrics import read_metrics
-from tests.support.distributed import single_process, spawn
+from tests.support.dist import single_process, spawn
 from tests.support.pipeline_data import tiny_model, write_data
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,7 +86,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(files: dict[str, Path]
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, steps + 1))
 
 
-def _cli(argv: list[str]) -> None:
+def _cli(rank: int, world: int, argv: list[str]) -> None:
     """`proxykd ...` in a spawned process; a failure fails the spawn."""
     from proxykd_fast.cli import main
 
