@@ -70,6 +70,24 @@ def agree(acc: Any, fn: Callable[[], T]) -> T:
     return result
 
 
+class _LocalView:
+    """An accelerator seen as a one-process run on its device (what a stage that runs on the main process alone
+    hands its helpers, so none of them waits in a collective the other processes never reach)."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self, acc: Any) -> None:
+        self.device = acc.device
+
+    def wait_for_everyone(self) -> None:
+        """Nothing to wait for."""
+
+
+def local_view(acc: Any) -> Any:
+    """`acc` as a one-process run on this process's device (see `_LocalView`)."""
+    return _LocalView(acc)
+
+
 @functools.cache
 def _mesh(device_type: str, world: int) -> Any:
     """The 1-D data-parallel device mesh FSDP shards over (one per process and device type)."""
