@@ -171,15 +171,8 @@ def train(
             idx = batch_indices(n_train, global_batch, step, cfg.seed)
             mine = idx[rank * micro * accum : (rank + 1) * micro * accum]
             batches = [make_batch(mine[i * micro : (i + 1) * micro]) for i in range(accum)]
-            loss_total, sums, tokens = accumulate_gradients(acc, prepared, batches, count_items, loss_fn, scaler)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            gnorm = grad_norm(params, cfg.max_grad_norm) if cfg.max_grad_norm and cfg.max_grad_norm > 0 \
-                else float("nan")
-            stepped = _optimizer_step(optimizer, scaler)
-            if stepped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_total, sums, tokens, gnorm, stepped = training_step(
+                acc, prepared, batches, count_items, loss_fn, optimizer, scheduler, scaler, cfg.max_grad_norm)
             elapsed = time.perf_counter() - t0
             step += 1
             ran += 1
@@ -217,6 +210,22 @@ def train(
     if finished and best_weights is not None:
         lm.load_state_dict(best_weights)
     return TrainResult(steps=step, finished=finished, best_eval=state["best_eval"], history=history)
+
+
+def training_step(acc: Any, prepared: nn.Module, batches: list[dict[str, Any]], count_items: CountFn,
+                  loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                  max_grad_norm: float) -> tuple[float, dict[str, float], int, float, bool]:
+    """One optimizer step over the micro-batches: (loss, metrics, tokens, gradient norm, whether it stepped)."""
+    loss_total, sums, tokens = accumulate_gradients(acc, prepared, batches, count_items, loss_fn, scaler)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    gnorm = grad_norm(params, max_grad_norm) if max_grad_norm and max_grad_norm > 0 else float("nan")
+    stepped = _optimizer_step(optimizer, scaler)
+    if stepped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_total, sums, tokens, gnorm, stepped
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: Any) -> bool:
