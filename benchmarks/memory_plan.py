@@ -124,9 +124,11 @@ def _layer_trace(config_json: str, tokens: int, seq: int, dtype: str) -> tuple[i
     model.train()
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict[int, int] = {}
+    alive: list[torch.Tensor] = []  # held until the trace ends, so no storage address is reused meanwhile
 
     def keep(t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
+        alive.append(t)
         if st._cdata not in params:
             saved[st._cdata] = max(saved.get(st._cdata, 0), st.nbytes())
         return t
