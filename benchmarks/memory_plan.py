@@ -14,8 +14,8 @@ DEFAULT_WORKSPACE_BYTES on the device), and its saved state (fp32 dW, dX) their 
 A training step's peak is the persistent state (parameter shards, optimizer state) plus the largest of
 its phases: forward and loss (gathered units, every saved activation, the loss workspace), backward
 (activations, the head's gradient, one layer's gathered parameters, their gradient and reduce-scatter
-buffer, the gradients of one layer's activations) and the optimizer step (gradient shards and foreach
-AdamW's temporaries). tests/benchmarks/test_memory_plan.py checks this against a measured FSDP2 step.
+buffer, the gradients of one layer's MLP activations) and the optimizer step (gradient shards and
+foreach AdamW's two temporaries per parameter). tests/benchmarks/test_memory_plan.py checks this against a measured FSDP2 step.
 """
 
 from __future__ import annotations
@@ -229,11 +229,14 @@ def plan_train(shape: Shape, flags: Flags, tokens: int, seq: int, loss: str,
         proxy_held = inf["parameters"] + inf["gathered_units"] + tokens * proxy.hidden * cb
         out["proxy"] = int(proxy_held)
     reduce = 4 if flags.mixed_precision != "no" else pb  # FSDP reduces gradients in fp32 under mixed precision
+    # a layer's backward holds the gradients of its largest activations: the MLP's three [tokens, intermediate]
+    # tensors, and the [tokens, hidden] gradient coming in and going out
+    bwd_temps = tokens * (3 * shape.config.intermediate_size + 2 * shape.hidden) * cb
     phases = {
         "loss": root + activations + loss_saved + buffers + temps,
         "head backward": root + activations + loss_saved + cached + tokens * shape.hidden * cb
         + (0 if flags.lora else head * cb + (shape.root_params * reduce if sharded else 0)),
-        "layer backward": root + activations + cached + recomputed + act_layer + 2 * layer
+        "layer backward": root + activations + cached + recomputed + bwd_temps + 2 * layer
         + (layer_trainable * (cb + reduce) if sharded else 0) + (0 if flags.lora else shape.root_params * pb * shard),
         "optimizer": cached + out["gradients"] + 2 * trainable * pb * shard,  # foreach AdamW's temporaries
     }
