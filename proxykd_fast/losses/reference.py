@@ -118,3 +118,65 @@ def reference_topk(hidden: Tensor, weight: Tensor, bias: Tensor | None, k: int, 
     lp = torch.log_softmax(_logits(hidden, weight, bias) / temperature, dim=-1)
     vals, ids = torch.topk(lp, k, dim=-1)
     return ids, vals.float()
+
+
+def reference_sequence_logps(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, average: bool,
+                             ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """(per-row log-prob sum or mean, per-row sum) of [rows, T] labels from materialized logits (>= fp32)."""
+    z = h @ w.t()
+    if b is not None:
+        z = z + b
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    mask = y != ignore_index
+    tok = torch.log_softmax(z, -1).gather(-1, torch.where(mask, y, 0)[..., None]).squeeze(-1)
+    tok = torch.where(mask, tok, torch.zeros_like(tok))
+    total = tok.sum(-1)
+    n = mask.sum(-1).clamp(min=1).to(total.dtype)
+    return (total / n if average else total), total
+
+
+def reference_dpo(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, *, ref_logps: Tensor | None = None,
+                  ref: tuple | None = None, beta: float = 0.1, loss_type: str = "sigmoid", nll_alpha: float = 0.0,
+                  sample_weight: Tensor | None = None, average_log_prob: bool = False,
+                  label_smoothing: float = 0.0, ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
+    """The DPO-family loss of `dpo_loss` written out directly from its formulas (softplus forms) over full
+    [2B, T, V] logits, with its metrics: the oracle of the tests and benchmarks.
+
+    h [2B, T, H] (B chosen rows, then B rejected), labels y [2B, T]; the reference is `ref_logps` [2B]
+    (summed) or an online `ref` = (hidden, weight, bias).
+    """
+    avg = average_log_prob or loss_type == "ipo"
+    seq, total = reference_sequence_logps(h, w, b, y, avg, ignore_index)
+    if ref is not None:
+        with torch.no_grad():
+            ref_logps = reference_sequence_logps(*ref, y, False, ignore_index)[1]
+    ref_sums = ref_logps.to(seq.dtype)  # the reference is always given as sums (TRL's convention)
+    n_tok = (y != ignore_index).sum(-1).clamp(min=1).to(seq.dtype)
+    ref_scaled = ref_sums / n_tok if avg else ref_sums
+    B = h.shape[0] // 2
+    dc, dr = seq[:B] - ref_scaled[:B], seq[B:] - ref_scaled[B:]
+    m = dc - dr
+    ls = label_smoothing
+    if loss_type == "sigmoid":
+        per = (1 - ls) * F.softplus(-beta * m) + ls * F.softplus(beta * m)
+    elif loss_type == "robust":
+        per = ((1 - ls) * F.softplus(-beta * m) - ls * F.softplus(beta * m)) / (1 - 2 * ls)
+    elif loss_type == "hinge":
+        per = (1 - beta * m).clamp(min=0)
+    elif loss_type == "ipo":
+        per = (m - 0.5 / beta).pow(2)
+    else:
+        per = 1 - 1 / (1 + torch.exp(-beta * dc)) + 1 / (1 + torch.exp(-beta * dr))
+    wts = torch.ones(B, dtype=per.dtype, device=per.device) if sample_weight is None else sample_weight.to(per.dtype)
+    n_chosen = int((y[:B] != ignore_index).sum())
+    nll = -total[:B].sum() / max(n_chosen, 1)
+    loss = (wts * per).sum() / B + nll_alpha * nll
+    # TRL logs from sums (for ipo too); with average_log_prob the per-token means the loss then uses
+    m_seq, m_ref = ((total / n_tok, ref_sums / n_tok) if average_log_prob else (total, ref_sums))
+    m_seq = m_seq.detach()
+    rc, rr = beta * (m_seq[:B] - m_ref[:B]), beta * (m_seq[B:] - m_ref[B:])
+    metrics = {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(),
+               "rewards/accuracies": (rc > rr).to(rc.dtype).mean(), "rewards/margins": (rc - rr).mean(),
+               "logps/chosen": m_seq[:B].mean(), "logps/rejected": m_seq[B:].mean(),
+               "nll": nll.detach()}
+    return loss, metrics

@@ -10,72 +10,14 @@ from torch import Tensor
 
 from proxykd_fast.losses import available_backends, dpo_loss, sequence_log_probs
 from proxykd_fast.losses._preference import plan_pairs
+from proxykd_fast.losses.reference import reference_dpo as plain_dpo
+from proxykd_fast.losses.reference import reference_sequence_logps as plain_seq_logps
 from tests.support.loss_cases import max_rel_err
 
 LOSS_TYPES = ["sigmoid", "ipo", "hinge", "robust", "apo_zero"]
 METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected", "nll"]
 TOL = 1e-9
-
-
-# ------------------------------------------------------------------------------------------
-# Independent plain-torch implementation: full [2B, T, V] logits, autograd does the gradients.
-
-
-def plain_seq_logps(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, average: bool) -> tuple[Tensor, Tensor]:
-    """(per-row log-prob sum or mean, per-row sum) from materialized logits (upcast to >= fp32 like HF)."""
-    z = h @ w.t()
-    if b is not None:
-        z = z + b
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
-    mask = y != -100
-    tok = torch.log_softmax(z, -1).gather(-1, torch.where(mask, y, 0)[..., None]).squeeze(-1)
-    tok = torch.where(mask, tok, torch.zeros_like(tok))
-    total = tok.sum(-1)
-    n = mask.sum(-1).clamp(min=1).to(total.dtype)
-    return (total / n if average else total), total
-
-
-def plain_dpo(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, *, ref_logps: Tensor | None = None,
-              ref: tuple | None = None, beta: float = 0.1, loss_type: str = "sigmoid", nll_alpha: float = 0.0,
-              sample_weight: Tensor | None = None, average_log_prob: bool = False,
-              label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """The documented DPO-family loss written out directly (softplus forms) for the tests."""
-    avg = average_log_prob or loss_type == "ipo"
-    seq, total = plain_seq_logps(h, w, b, y, avg)
-    if ref is not None:
-        with torch.no_grad():
-            ref_logps = plain_seq_logps(*ref, y, False)[1]
-    ref_sums = ref_logps.to(seq.dtype)  # the reference is always given as sums (TRL's convention)
-    n_tok = (y != -100).sum(-1).clamp(min=1).to(seq.dtype)
-    ref_scaled = ref_sums / n_tok if avg else ref_sums
-    B = h.shape[0] // 2
-    dc, dr = seq[:B] - ref_scaled[:B], seq[B:] - ref_scaled[B:]
-    m = dc - dr
-    ls = label_smoothing
-    if loss_type == "sigmoid":
-        per = (1 - ls) * F.softplus(-beta * m) + ls * F.softplus(beta * m)
-    elif loss_type == "robust":
-        per = ((1 - ls) * F.softplus(-beta * m) - ls * F.softplus(beta * m)) / (1 - 2 * ls)
-    elif loss_type == "hinge":
-        per = (1 - beta * m).clamp(min=0)
-    elif loss_type == "ipo":
-        per = (m - 0.5 / beta).pow(2)
-    else:
-        per = 1 - 1 / (1 + torch.exp(-beta * dc)) + 1 / (1 + torch.exp(-beta * dr))
-    wts = torch.ones(B, dtype=per.dtype) if sample_weight is None else sample_weight.to(per.dtype)
-    n_chosen = int((y[:B] != -100).sum())
-    nll = -total[:B].sum() / max(n_chosen, 1)
-    loss = (wts * per).sum() / B + nll_alpha * nll
-    # TRL logs from sums (for ipo too); with average_log_prob the per-token means the loss then uses
-    m_seq, m_ref = ((total / n_tok, ref_sums / n_tok) if average_log_prob else (total, ref_sums))
-    m_seq = m_seq.detach()
-    rc, rr = beta * (m_seq[:B] - m_ref[:B]), beta * (m_seq[B:] - m_ref[B:])
-    metrics = {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(),
-               "rewards/accuracies": (rc > rr).to(rc.dtype).mean(), "rewards/margins": (rc - rr).mean(),
-               "logps/chosen": m_seq[:B].mean(), "logps/rejected": m_seq[B:].mean(),
-               "nll": nll.detach()}
-    return loss, metrics
 
 
 # ------------------------------------------------------------------------------------------

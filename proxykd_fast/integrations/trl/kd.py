@@ -32,7 +32,9 @@ MODEL_INPUT_SKIP = ("labels", *TARGET_COLUMNS)
 class ProxyKDConfig(SFTConfig):
     """SFTConfig plus Proxy-KD's loss options (the names of `proxykd distill` and `proxy_kd_loss`)."""
 
-    alpha: float = field(default=1.0, metadata={"help": "Weight of the KD term (0: plain NLL)."})
+    alpha: float = field(default=10.0, metadata={"help": (
+        "Weight of the KD term (0: plain NLL): L = nll_weight * NLL + alpha * mean w * T^2 * D per token; 10, as 'distill', "
+        "from the sweep on the demo world (README); the paper's 100 goes with its own normalization.")})
     nll_weight: float = field(default=1.0, metadata={"help": "Weight of the NLL term on the data (0: pure KD)."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of both sides; the KD term has T^2."})
     divergence: str = field(default="forward_kl", metadata={
