@@ -41,14 +41,24 @@ LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 
 
 @contextmanager
-def single_process() -> Iterator[None]:
-    """A plain one-process run in this process, to compare with `spawn`'s: no launcher environment, and one
-    thread, as the spawned processes have (floating-point results can depend on the thread count)."""
-    saved = {k: os.environ.pop(k) for k in LAUNCH_ENV if k in os.environ}
+def torch_single_thread() -> Iterator[None]:
+    """One torch CPU thread (as the spawned processes have, and much faster for tiny models on a small shared
+    machine), restored after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def single_process() -> Iterator[None]:
+    """A plain one-process run in this process, to compare with `spawn`'s: no launcher environment, and one
+    thread, as the spawned processes have (floating-point results can depend on the thread count)."""
+    saved = {k: os.environ.pop(k) for k in LAUNCH_ENV if k in os.environ}
+    try:
+        with torch_single_thread():
+            yield
+    finally:
         os.environ.update(saved)
