@@ -21,90 +21,64 @@ from torch import Tensor, nn
 from proxykd_fast.losses import dpo_loss, linear_cross_entropy, sequence_log_probs
 
 from .bootstrap import notice, open_run, start_stage
-from .chat import stop_token_ids
 from .checkpoint import finish_phase, finished_phase
 from .config import AlignProxyConfig, parse_split
 from .data import (
     Example,
     count_tokens,
-    iter_chunks,
-    left_padded_prompts,
     load_records,
     preference_batch,
     sft_batch,
     tokenize_records,
 )
-from .distributed import shard_map
 from .evaluate import heldout_nll
-from .modeling import PipelineError, apply_lora, check_model_matches_tokenizer, load_model, load_tokenizer, save_model
+from .generation import generate_answers
+from .modeling import HiddenAndHead, PipelineError, check_model_matches_tokenizer, load_tokenizer
 from .scoring import Head, score_batches
+from .sharding import (
+    broadcast_object,
+    is_sharded,
+    load_full_state,
+    model_state,
+    prepare_model,
+    save_trained,
+    snapshot,
+)
 from .trainer import TrainResult, total_steps, train
 
 RUN_INFO = "align_run.json"
-RANK_SEED_STRIDE = 7919  # rank r samples with seed + r * stride (rank 0: the single-process seed)
 
 
 def sft_loss_fn(chunk_size: int | None, backend: str) -> Any:
     """Summed NLL of the answer tokens (the trainer divides by the global token count)."""
 
     def loss_fn(wrapped: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        hidden, w, b = wrapped(batch["input_ids"], batch["attention_mask"])
-        loss = linear_cross_entropy(hidden, w, batch["labels"], bias=b, reduction="sum", chunk_size=chunk_size,
-                                    backend=backend)
+        def head(hidden: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+            return linear_cross_entropy(hidden, w, batch["labels"], bias=b, reduction="sum", chunk_size=chunk_size,
+                                        backend=backend)
+
+        loss = wrapped(batch["input_ids"], batch["attention_mask"], head_fn=head)
         return loss, {"nll": float(loss.detach()) / max(count_tokens(batch), 1)}
 
     return loss_fn
 
 
-@torch.no_grad()
-def generate_rejected(
-    model: nn.Module, tokenizer: Any, examples: list[Example], cfg: AlignProxyConfig, seed: int,
-    progress: bool = False,
-) -> list[list[int]]:
-    """One sampled answer per prompt from the current proxy (batched generate), its stop token included."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    stops = stop_token_ids(tokenizer, model)
-    out: list[list[int]] = []
-    with tqdm(total=len(examples), desc="sample rejected", disable=not progress, leave=False) as bar:
-        for chunk in iter_chunks(examples, cfg.gen_batch_size):
-            batch = left_padded_prompts(chunk, tokenizer.pad_token_id)
-            gen = model.generate(**{k: v.to(device) for k, v in batch.items()}, do_sample=True,
-                                 temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, top_k=cfg.gen_top_k,
-                                 max_new_tokens=cfg.gen_max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=stops)
-            width = batch["input_ids"].shape[1]
-            for row in gen[:, width:].tolist():
-                ids: list[int] = []
-                for t in row:
-                    ids.append(t)
-                    if t in stops:
-                        break
-                out.append(ids)
-            bar.update(len(chunk))
-    model.train(was_training)
-    return out
-
-
 def sample_rejected(
     model: nn.Module, tokenizer: Any, examples: list[Example], cfg: AlignProxyConfig, seed: int, acc: Any = None,
 ) -> list[list[int]]:
-    """Rejected answers for every example; under DDP rank r samples examples[r::world] and all are gathered."""
-    rank = acc.process_index if acc is not None else 0
-    show = cfg.progress and (acc is None or acc.is_main_process)
-    return _sharded(acc, examples, lambda part: generate_rejected(
-        model, tokenizer, part, cfg, seed + RANK_SEED_STRIDE * rank, show))
+    """One sampled answer per prompt from the current proxy, its stop token included; the prompt chunks are split
+    over the processes (each chunk under its own seed, so the answers do not depend on their number)."""
+    return generate_answers(model, tokenizer, examples, batch_size=cfg.gen_batch_size, seed=seed, acc=acc,
+                            progress=cfg.progress, desc="sample rejected", do_sample=True,
+                            temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, top_k=cfg.gen_top_k,
+                            max_new_tokens=cfg.gen_max_new_tokens)
 
 
 def reference_logps(
     model: nn.Module, examples: list[Example], pad_id: int, cfg: AlignProxyConfig, acc: Any = None,
 ) -> Tensor:
     """[n, 2] summed log-probs of (chosen, rejected) under the current proxy: the reference (dpo_loss
-    normalizes sums itself where the loss type needs means)."""
+    normalizes sums itself where the loss type needs means); batches split over the processes."""
     show = cfg.progress and (acc is None or acc.is_main_process)
 
     def pair_logps(chunk: list[Example], b: dict[str, Tensor], head: Head) -> list[list[float]]:
@@ -114,16 +88,9 @@ def reference_logps(
         n = len(chunk)
         return torch.stack([lp[:n], lp[n:]], dim=1).tolist()
 
-    def score(part: list[Example]) -> list[list[float]]:
-        return score_batches(model, part, lambda c: preference_batch(c, pad_id), pair_logps,
-                             batch_size=cfg.per_device_eval_batch_size, desc="reference log-probs", progress=show)
-
-    return torch.tensor(_sharded(acc, examples, score), dtype=torch.float32).view(len(examples), 2)
-
-
-def _sharded(acc: Any, items: list[Any], fn: Any) -> list[Any]:
-    """`shard_map` when an accelerator is given, else `fn(items)`."""
-    return list(fn(items)) if acc is None else shard_map(acc, items, fn)
+    rows = score_batches(model, examples, lambda c: preference_batch(c, pad_id), pair_logps,
+                         batch_size=cfg.per_device_eval_batch_size, desc="reference log-probs", progress=show, acc=acc)
+    return torch.tensor(rows, dtype=torch.float32).view(len(examples), 2)
 
 
 def dpo_loss_fn(cfg: AlignProxyConfig) -> Any:
@@ -134,19 +101,23 @@ def dpo_loss_fn(cfg: AlignProxyConfig) -> Any:
     """
 
     def loss_fn(wrapped: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, float]]:
-        hidden, w, b = wrapped(batch["input_ids"], batch["attention_mask"])
         ref = batch["ref_logps"]
         pairs = ref.shape[0]
-        ref_flat = torch.cat([ref[:, 0], ref[:, 1]]).to(hidden.device)
-        loss, metrics = dpo_loss(hidden, w, batch["labels"], ref_logps=ref_flat, beta=cfg.beta,
-                                 loss_type=cfg.dpo_loss_type, nll_alpha=0.0, average_log_prob=cfg.average_log_prob,
-                                 label_smoothing=cfg.label_smoothing, bias=b, chunk_size=cfg.chunk_size,
-                                 backend=cfg.backend)
-        parts = {"dpo": loss * pairs}
-        if cfg.nll_alpha:
-            nll = linear_cross_entropy(hidden[:pairs], w, batch["labels"][:pairs], bias=b, reduction="sum",
-                                       chunk_size=cfg.chunk_size, backend=cfg.backend)
-            parts["nll"] = cfg.nll_alpha * nll
+
+        def head(hidden: Tensor, w: Tensor, b: Tensor | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+            ref_flat = torch.cat([ref[:, 0], ref[:, 1]]).to(hidden.device)
+            loss, metrics = dpo_loss(hidden, w, batch["labels"], ref_logps=ref_flat, beta=cfg.beta,
+                                     loss_type=cfg.dpo_loss_type, nll_alpha=0.0,
+                                     average_log_prob=cfg.average_log_prob, label_smoothing=cfg.label_smoothing,
+                                     bias=b, chunk_size=cfg.chunk_size, backend=cfg.backend)
+            parts = {"dpo": loss * pairs}
+            if cfg.nll_alpha:
+                nll = linear_cross_entropy(hidden[:pairs], w, batch["labels"][:pairs], bias=b, reduction="sum",
+                                           chunk_size=cfg.chunk_size, backend=cfg.backend)
+                parts["nll"] = cfg.nll_alpha * nll
+            return parts, metrics
+
+        parts, metrics = wrapped(batch["input_ids"], batch["attention_mask"], head_fn=head)
         return parts, {k: float(v) for k, v in metrics.items()}
 
     return loss_fn
@@ -172,7 +143,7 @@ class _Run:
     cfg: AlignProxyConfig
     acc: Any
     tok: Any
-    model: nn.Module
+    model: HiddenAndHead  # the proxy as `prepare_model` made it (FSDP-sharded under --fsdp)
     out: Path
     resume: bool
     eval_fn: Callable[[nn.Module], float] | None
@@ -191,19 +162,34 @@ def _phase(run: _Run, name: str, body: Callable[[Path], tuple[TrainResult, dict[
     """(summary, steps) of a finished phase (loading its final weights), or of training it with `body`; the
     summary is None when the phase stopped unfinished (--max-steps-this-run)."""
     pdir = run.out / name
-    done = finished_phase(pdir, report=lambda msg: notice(run.acc, f"[align-proxy] {msg}"))
+    done = _finished(run, pdir)
     if done is not None:
         info, weights = done
-        run.model.load_state_dict(weights)
+        load_full_state(run.model.model, weights, run.acc)
         return info, int(info["steps"])
     pdir.mkdir(parents=True, exist_ok=True)
     res, info = body(pdir)
     if not res.finished:
         return None, res.steps
+    weights = model_state(run.model.model, run.acc)
     if run.acc.is_main_process:
-        finish_phase(pdir, run.model, info)
+        finish_phase(pdir, weights, info)
     run.acc.wait_for_everyone()
     return info, res.steps
+
+
+def _finished(run: _Run, pdir: Path) -> tuple[dict[str, Any], dict[str, Tensor] | None] | None:
+    """(summary, weights) of a finished phase; under FSDP the main process reads the marker (the others get the
+    summary, and their shards when the weights are loaded)."""
+
+    def read() -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+        return finished_phase(pdir, report=lambda msg: notice(run.acc, f"[align-proxy] {msg}"))
+
+    if not is_sharded(run.model):
+        return read()
+    done = read() if run.acc.is_main_process else None
+    info = broadcast_object(None if done is None else done[0], run.acc)
+    return None if info is None else (info, done[1] if done is not None else None)
 
 
 def _sft(run: _Run, warm: list[Example]) -> Callable[[Path], tuple[TrainResult, dict[str, Any]]]:
@@ -227,7 +213,7 @@ def _dpo_round(run: _Run, r: int, align: list[Example], best: float | None,
     cfg, acc, model, pad = run.cfg, run.acc, run.model, run.tok.pad_token_id
 
     def body(pdir: Path) -> tuple[TrainResult, dict[str, Any]]:
-        start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        start_state = snapshot(model.model)
         rejected = _rejected(run, r, align, pdir / "rejected.json")
         pairs = [dataclasses.replace(e, rejected=rj) for e, rj in zip(align, rejected)]
         ref = reference_logps(model, pairs, pad, cfg, acc=acc)
@@ -247,7 +233,7 @@ def _dpo_round(run: _Run, r: int, align: list[Example], best: float | None,
         value = run.held_out()
         kept = cfg.keep_round_if_worse or value is None or best is None or value <= best
         if not kept:
-            model.load_state_dict(start_state)
+            model.model.load_state_dict(start_state)
             notice(acc, f"[align-proxy] round {r} raised held-out NLL ({value:.4f} > {best:.4f}): reverted and "
                         "stopped")
         last = res.history[-1] if res.history else {}
@@ -259,12 +245,17 @@ def _dpo_round(run: _Run, r: int, align: list[Example], best: float | None,
 
 def _rejected(run: _Run, r: int, align: list[Example], path: Path) -> list[list[int]]:
     """Round r's rejected answers: stored from an interrupted attempt, the dataset's (round 1, first_round), or
-    sampled from the current proxy; written atomically so a resume reuses exactly these."""
-    if path.exists():
+    sampled from the current proxy; written atomically so a resume reuses exactly these. The main process reads
+    the stored ones, so every process decides alike."""
+    stored = None
+    if run.acc.is_main_process and path.exists():
         stored = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(stored, list) and len(stored) == len(align):
-            return stored
-        notice(run.acc, f"[align-proxy] {path} does not hold {len(align)} answers: sampling them again")
+        if not (isinstance(stored, list) and len(stored) == len(align)):
+            notice(run.acc, f"[align-proxy] {path} does not hold {len(align)} answers: sampling them again")
+            stored = None
+    stored = broadcast_object(stored, run.acc)
+    if stored is not None:
+        return stored
     if r == 1 and run.cfg.dataset_rejected == "first_round":
         rejected = [list(e.rejected or []) for e in align]
     else:
@@ -297,11 +288,10 @@ def _check_data(cfg: AlignProxyConfig, warm: list[Example], align: list[Example]
 
 def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any]:
     """Run the proxy alignment; the aligned proxy is saved (loadable by from_pretrained) in output_dir."""
-    acc = start_stage(cfg, accelerator)
+    cfg, acc = start_stage(cfg, accelerator)
     tok = load_tokenizer(cfg.proxy)
-    model = load_model(cfg.proxy, cfg.dtype)
-    check_model_matches_tokenizer(model, tok, "proxy")
-    model = apply_lora(model, cfg.lora).to(acc.device)
+    model = prepare_model(cfg.proxy, cfg, acc, name="proxy", train=True, lora=cfg.lora,
+                          check=lambda m: check_model_matches_tokenizer(m, tok, "proxy"))
     examples = tokenize_records(load_records(cfg.data), tok, cfg.max_length)
     warm = examples[slice(*parse_split(cfg.warmup_split, len(examples)))]
     align = examples[slice(*parse_split(cfg.align_split, len(examples)))]
@@ -313,7 +303,8 @@ def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any
                       clear=[*phases, out / "align_summary.json"], config_name="align_config.yaml")
 
     def eval_fn(m: nn.Module) -> float:
-        return heldout_nll(m, held, tok.pad_token_id, cfg.per_device_eval_batch_size, cfg.chunk_size, cfg.backend)
+        return heldout_nll(m, held, tok.pad_token_id, cfg.per_device_eval_batch_size, cfg.chunk_size, cfg.backend,
+                           acc=acc)
 
     run = _Run(cfg, acc, tok, model, out, resume, eval_fn if held else None)
     summary: dict[str, Any] = {"phases": [], "initial_eval_nll": run.held_out()}
@@ -332,8 +323,8 @@ def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any
         best = info["eval_nll"]
     summary["final_eval_nll"] = best
     summary["finished"] = True
+    save_trained(model, tok, str(out), acc)
     if acc.is_main_process:
-        save_model(model, tok, str(out))
         (out / "align_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     acc.wait_for_everyone()
     return summary

@@ -33,6 +33,7 @@ FORMAT = 2  # 1: rng.pt pickled numpy arrays and Python tuples, no manifest (ref
 TENSOR_FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "rng.pt")
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best_model.pt"
+SCALER_FILE = "scaler.pt"
 
 
 class CheckpointError(PipelineError):
@@ -126,25 +127,34 @@ def write_verified_dir(final: Path, tensors: dict[str, Any], jsons: dict[str, An
     return final
 
 
+def _state(obj: Any) -> Any:
+    """An object's state_dict(), or the state dict itself (already gathered, e.g. from FSDP shards)."""
+    return obj.state_dict() if hasattr(obj, "state_dict") else obj
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: nn.Module | dict[str, Any],
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     scheduler: Any,
     trainer_state: dict[str, Any],
     best_state: dict[str, torch.Tensor] | None = None,
     keep: int | None = 2,
+    scaler: Any = None,
 ) -> Path:
     """Write checkpoint `step-N` (see `write_verified_dir`) and delete all but the newest `keep`.
 
-    `keep` None keeps every checkpoint (HF Trainer's `save_total_limit=None`).
+    `model` and `optimizer` are the objects or their state dicts; `scaler` fp16's loss scaler, when
+    there is one. `keep` None keeps every checkpoint (HF Trainer's `save_total_limit=None`).
     """
     root = Path(root)
-    tensors: dict[str, Any] = {"model.pt": model.state_dict(), "optimizer.pt": optimizer.state_dict(),
+    tensors: dict[str, Any] = {"model.pt": _state(model), "optimizer.pt": _state(optimizer),
                                "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state()}
     if best_state is not None:
         tensors[BEST_FILE] = best_state
+    if scaler is not None:
+        tensors[SCALER_FILE] = scaler.state_dict()
     final = write_verified_dir(root / f"step-{step}", tensors, {STATE_FILE: {**trainer_state, "step": step}}, step)
     if keep is not None and keep > 0:
         for old in list_checkpoints(root)[:-keep]:
@@ -238,7 +248,7 @@ def read_verified_dir(path: str | Path, tensor_files: tuple[str, ...], json_file
 def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     """Verify and load one checkpoint (every torch file with weights_only=True), applying nothing."""
     path = Path(path)
-    loaded = read_verified_dir(path, TENSOR_FILES, (STATE_FILE,), optional=(BEST_FILE,))
+    loaded = read_verified_dir(path, TENSOR_FILES, (STATE_FILE,), optional=(BEST_FILE, SCALER_FILE))
     state = loaded.pop(STATE_FILE)
     try:
         int(state["step"])
@@ -296,9 +306,10 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 PHASE_DIR, PHASE_MODEL, PHASE_INFO = "final", "model.pt", "phase.json"
 
 
-def finish_phase(phase_dir: str | Path, model: nn.Module, info: dict[str, Any]) -> None:
-    """Mark a finished training phase: its final weights and summary, as one verified directory `final/`."""
-    write_verified_dir(Path(phase_dir) / PHASE_DIR, {PHASE_MODEL: model.state_dict()}, {PHASE_INFO: info})
+def finish_phase(phase_dir: str | Path, model: nn.Module | dict[str, Any], info: dict[str, Any]) -> None:
+    """Mark a finished training phase: its final weights (the model or its state dict) and summary, as one
+    verified directory `final/`."""
+    write_verified_dir(Path(phase_dir) / PHASE_DIR, {PHASE_MODEL: _state(model)}, {PHASE_INFO: info})
 
 
 def finished_phase(phase_dir: str | Path, report: Callable[[str], None] | None = None,

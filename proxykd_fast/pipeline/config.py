@@ -47,6 +47,65 @@ RESUME_HELP = ("true: continue the run recorded in output_dir from its newest in
                "accepted: the run picks its checkpoint")
 
 
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+FSDP_SHARDING = ("full_shard", "shard_grad_op")
+MIXED_PRECISION_HELP = (
+    "autocast compute dtype with fp32 master weights (keep --dtype float32): no, bf16 or fp16 (fp16 adds dynamic loss "
+    "scaling). The backbone and the fused losses' head GEMMs run in it, accumulating in fp32; weights, gradients "
+    "and optimizer state stay in --dtype. Under --fsdp it is FSDP2's MixedPrecisionPolicy (parameters gathered in "
+    "it, gradients reduced in fp32). --bf16 / --fp16 are TrainingArguments' names for the same setting; an "
+    "`accelerate launch` config's mixed_precision is adopted when this is left at no")
+ATTN_HELP = ("attention kernel of the models (transformers' attn_implementation): sdpa (default), eager, or "
+             "flash_attention_2 (needs the flash-attn package and a CUDA GPU; refused up front otherwise)")
+PACKING_HELP = (
+    "padding-free batches: each micro-batch's samples run through the model concatenated in one row, with position "
+    "ids restarting at every sample and attention kept inside each sample (transformers' packed-sequence masks: "
+    "block-diagonal causal with sdpa / eager, varlen kernels with flash_attention_2), so no compute goes to padding. "
+    "A batch holds the same samples as without it and gives the same per-sample losses (TRL calls this "
+    "padding_free; TRL's packing also re-bins samples into max_length rows, which this does not do)")
+FSDP_HELP = (
+    "shard the models over the processes with FSDP2 (torch fully_shard): true / full_shard (parameters, gradients "
+    "and optimizer state sharded; ZeRO-3) or shard_grad_op (parameters kept gathered from forward to backward; "
+    "ZeRO-2-like). Every decoder layer is one unit; the embeddings, final norm and lm_head form the root unit "
+    "and the fused losses run inside its forward, so the head is never gathered twice. The proxy of precompute, "
+    "eval, align-proxy's reference pass and distill's online proxy is sharded for inference. Launch with "
+    "`accelerate launch` (examples/accelerate/) or torchrun; an accelerate FSDP config (fsdp_version 2) turns it "
+    "on by itself. TrainingArguments' strings ('full_shard auto_wrap') are accepted")
+
+
+def resolve_mixed_precision(mixed_precision: str, bf16: bool, fp16: bool) -> str:
+    """One mixed-precision mode from --mixed-precision and TrainingArguments' --bf16 / --fp16 switches."""
+    check_choice("mixed_precision", mixed_precision, MIXED_PRECISIONS)
+    if bf16 and fp16:
+        raise ValueError("options 'bf16' and 'fp16' are both set: choose one (or --mixed-precision bf16|fp16)")
+    switch = "bf16" if bf16 else "fp16" if fp16 else None
+    if switch is not None and mixed_precision not in ("no", switch):
+        raise ValueError(f"option '{switch}' contradicts mixed_precision={mixed_precision!r}: set one of them")
+    return switch or mixed_precision
+
+
+def resolve_fsdp(value: bool | str) -> str | bool:
+    """False, or the FSDP sharding mode ('full_shard' / 'shard_grad_op') from true or TrainingArguments' string."""
+    if value is False or value is True:
+        return "full_shard" if value else False
+    words = str(value).replace(",", " ").split()
+    if not words:
+        return False
+    refused = {"offload": "CPU offload is not supported yet: shard over more processes instead",
+               "hybrid_shard": "hybrid sharding is not supported (use full_shard)",
+               "hybrid_shard_zero2": "hybrid sharding is not supported (use shard_grad_op)",
+               "no_shard": "no_shard is plain data parallelism: leave --fsdp off"}
+    for w in words:
+        if w in refused:
+            raise ValueError(f"option 'fsdp': {w!r}: {refused[w]}")
+        check_choice("fsdp", w, (*FSDP_SHARDING, "auto_wrap"))
+    modes = [w for w in words if w in FSDP_SHARDING]
+    if len(modes) > 1:
+        raise ValueError(f"option 'fsdp' names two sharding modes: {' and '.join(modes)}")
+    return modes[0] if modes else "full_shard"  # auto_wrap alone: every decoder layer is always its own unit
+
+
 @config_dataclass
 class StageConfig:
     """Options of every stage that runs a model; YAML loading, coercion and validation."""
@@ -61,10 +120,20 @@ class StageConfig:
     progress: bool = option(True, help=PROGRESS_HELP)
     chunk_size: int | None = option(None, help=CHUNK_HELP)
     backend: str = option("auto", help=BACKEND_HELP)
+    mixed_precision: str = option("no", help=MIXED_PRECISION_HELP)
+    bf16: bool = option(False, help="TrainingArguments' switch for --mixed-precision bf16 (the same setting)")
+    fp16: bool = option(False, help="TrainingArguments' switch for --mixed-precision fp16 (the same setting)")
+    attn_implementation: str = option("sdpa", help=ATTN_HELP)
+    packing: bool = option(False, aliases=("padding_free",), help=PACKING_HELP)
+    fsdp: bool | str = option(False, help=FSDP_HELP)
 
     def __post_init__(self) -> None:
-        """Coerce every field to its annotated type (YAML reads `1e-5` as a string), then validate."""
+        """Coerce every field to its annotated type (YAML reads `1e-5` as a string), settle the precision and FSDP
+        spellings on one canonical form, then validate."""
         coerce_fields(self)
+        self.mixed_precision = resolve_mixed_precision(self.mixed_precision, self.bf16, self.fp16)
+        self.bf16, self.fp16 = self.mixed_precision == "bf16", self.mixed_precision == "fp16"
+        self.fsdp = resolve_fsdp(self.fsdp)
         self.validate()
 
     def validate(self) -> None:
@@ -76,6 +145,7 @@ class StageConfig:
         check_range("chunk_size", self.chunk_size, 1)
         check_range("per_device_eval_batch_size", self.per_device_eval_batch_size, 1)
         check_range("max_length", self.max_length, 2)
+        check_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
@@ -147,9 +217,6 @@ class TrainConfig(StageConfig):
         "passes over the training split when max_steps is 0 (fractions allowed); align-proxy uses "
         "--warmup-epochs and --round-epochs instead"))
     max_grad_norm: float = option(1.0, help="clip the gradient norm to this value; 0: no clipping")
-    bf16: bool = option(False, help=(
-        "bf16 autocast mixed precision for the model's forward (accelerate mixed_precision='bf16'; the weights, "
-        "the fused losses and the optimizer stay in --dtype)"))
     gradient_checkpointing: bool = option(False, help=(
         "recompute the decoder layers' activations in the backward (transformers' gradient checkpointing, "
         "use_reentrant=False): less memory, one more forward"))

@@ -14,20 +14,10 @@ from proxykd_fast.losses import linear_cross_entropy, proxy_kd_loss, sequence_lo
 from .bootstrap import open_run, start_stage
 from .config import DistillConfig, parse_split
 from .data import IGNORE, Example, count_tokens, load_records, pad_batch, tokenize_records
-from .distributed import shard_map
 from .evaluate import heldout_nll
-from .modeling import (
-    HiddenAndHead,
-    PipelineError,
-    apply_lora,
-    check_model_matches_tokenizer,
-    check_same_vocab,
-    load_model,
-    load_tokenizer,
-    save_model,
-    vocab_size,
-)
-from .scoring import Head, score_batches
+from .modeling import PipelineError, check_model_matches_tokenizer, check_same_vocab, load_tokenizer, vocab_size
+from .scoring import Head, as_wrapper, score_batches
+from .sharding import prepare_model, save_trained
 from .targets import TargetRow, load_targets, sigmoid_weights, vocab_fingerprint
 from .trainer import total_steps, train
 
@@ -58,15 +48,19 @@ def kd_loss_fn(cfg: DistillConfig, proxy: nn.Module | None) -> Any:
     """Summed NLL + alpha * w * D(proxy, student) over the answer tokens (the trainer normalizes by the global count).
 
     The weights w come from the batch ("sample_weight": dataset statistics, precomputed) or, with an
-    online proxy and weight_stats="batch", from the proxy's log-likelihoods of this micro-batch.
+    online proxy and weight_stats="batch", from the proxy's log-likelihoods of this micro-batch. The
+    proxy (a HiddenAndHead, FSDP-sharded under --fsdp) runs without grad first; the loss then runs
+    inside the student's forward.
     """
-    proxy_wrap = HiddenAndHead(proxy) if proxy is not None else None
+    proxy_wrap = None if proxy is None else as_wrapper(proxy)
 
     def loss_fn(wrapped: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        hidden, w, b = wrapped(batch["input_ids"], batch["attention_mask"])
         if cfg.alpha == 0:
-            loss = linear_cross_entropy(hidden, w, batch["labels"], bias=b, reduction="sum",
-                                        chunk_size=cfg.chunk_size, backend=cfg.backend)
+            def nll(hidden: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+                return linear_cross_entropy(hidden, w, batch["labels"], bias=b, reduction="sum",
+                                            chunk_size=cfg.chunk_size, backend=cfg.backend)
+
+            loss = wrapped(batch["input_ids"], batch["attention_mask"], head_fn=nll)
             n = max(count_tokens(batch), 1)
             return loss, {"nll": float(loss.detach()) / n, "kd": 0.0, "weight_mean": 1.0}
         kw: dict[str, Any] = {}
@@ -82,10 +76,14 @@ def kd_loss_fn(cfg: DistillConfig, proxy: nn.Module | None) -> Any:
             kw.update(proxy_hidden=ph, proxy_weight=pw, proxy_bias=pb)
         else:
             kw.update(proxy_topk_ids=batch["topk_ids"], proxy_topk_logprobs=batch["topk_logprobs"])
-        loss, comp = proxy_kd_loss(hidden, w, batch["labels"], sample_weight=weight, alpha=cfg.alpha,
-                                   temperature=cfg.temperature, divergence=cfg.divergence, jsd_beta=cfg.jsd_beta,
-                                   reduction="sum", student_bias=b, return_components=True,
-                                   chunk_size=cfg.chunk_size, backend=cfg.backend, **kw)
+
+        def kd(hidden: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, dict[str, Any]]:
+            return proxy_kd_loss(hidden, w, batch["labels"], sample_weight=weight, alpha=cfg.alpha,
+                                 temperature=cfg.temperature, divergence=cfg.divergence, jsd_beta=cfg.jsd_beta,
+                                 reduction="sum", student_bias=b, return_components=True,
+                                 chunk_size=cfg.chunk_size, backend=cfg.backend, **kw)
+
+        loss, comp = wrapped(batch["input_ids"], batch["attention_mask"], head_fn=kd)
         n = max(int(comp["valid_tokens"]), 1)
         metrics = {"nll": float(comp["nll"]) / n, "kd": float(comp["kd"]) / n,
                    "weight_mean": float(weight.float().mean()) if weight is not None else 1.0}
@@ -104,13 +102,9 @@ def online_dataset_weights(proxy: nn.Module, rows: list[TargetRow], pad_id: int,
         return sequence_log_probs(hidden, w, b["labels"], bias=bias, chunk_size=cfg.chunk_size,
                                   backend=cfg.backend).double().cpu().tolist()
 
-    def score(part: list[TargetRow]) -> list[float]:
-        return score_batches(proxy, part, lambda c: pad_batch([r.input_ids for r in c], [r.prompt_len for r in c],
-                                                              pad_id),
-                             loglik, batch_size=cfg.per_device_eval_batch_size, desc="proxy log-likelihoods",
-                             progress=show)
-
-    ll = shard_map(acc, rows, score) if acc is not None else score(rows)
+    ll = score_batches(proxy, rows, lambda c: pad_batch([r.input_ids for r in c], [r.prompt_len for r in c], pad_id),
+                       loglik, batch_size=cfg.per_device_eval_batch_size, desc="proxy log-likelihoods",
+                       progress=show, acc=acc)
     w = sigmoid_weights(torch.tensor(ll, dtype=torch.float64), torch.tensor([r.n_tokens for r in rows]), cfg.loglik,
                         cfg.normalize_weights)
     return {r.index: float(x) for r, x in zip(rows, w)}
@@ -131,34 +125,35 @@ def _online_rows(cfg: DistillConfig, tok: Any) -> list[TargetRow]:
 
 def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
     """Train the student; the final student is saved (loadable by from_pretrained) in output_dir."""
-    acc = start_stage(cfg, accelerator)
+    cfg, acc = start_stage(cfg, accelerator)
     tok = load_tokenizer(cfg.student)
-    student = load_model(cfg.student, cfg.dtype)
-    check_model_matches_tokenizer(student, tok, "student")
-    proxy = None
-    weights: dict[int, float] = {}
-    if cfg.targets and not cfg.proxy:
-        rows, weights, k = _offline_rows(cfg, tok)
-    elif cfg.proxy:
-        check_same_vocab(load_tokenizer(cfg.proxy), tok, ("proxy", "student"))
-        proxy = load_model(cfg.proxy, cfg.dtype).to(acc.device).eval()
-        for p in proxy.parameters():
-            p.requires_grad_(False)
-        if vocab_size(proxy) != vocab_size(student):
-            raise PipelineError(f"proxy head has {vocab_size(proxy)} rows, student head {vocab_size(student)}")
-        rows = _online_rows(cfg, tok)
-        k = 0  # the online proxy gives its full distribution
-    elif cfg.alpha == 0 and cfg.data:
-        rows = _online_rows(cfg, tok)
-        k = 0
-    else:
+    mode = "offline" if cfg.targets and not cfg.proxy else "online" if cfg.proxy else \
+        "sft" if cfg.alpha == 0 and cfg.data else None
+    if mode is None:
         raise PipelineError("distill needs --targets (offline) or --proxy (online), or --alpha 0 with --data")
-    if cfg.divergence != "forward_kl" and cfg.alpha != 0 and proxy is None:
+    if cfg.divergence != "forward_kl" and cfg.alpha != 0 and mode != "online":
         raise PipelineError(
             f"divergence={cfg.divergence!r} needs the proxy's full distribution: use an online --proxy; offline "
             "top-k targets support only divergence='forward_kl'"
         )
-    student = apply_lora(student, cfg.lora).to(acc.device)
+    student = prepare_model(cfg.student, cfg, acc, name="student", train=True, lora=cfg.lora,
+                            check=lambda m: check_model_matches_tokenizer(m, tok, "student"))
+    proxy = None
+    weights: dict[int, float] = {}
+    if mode == "offline":
+        rows, weights, k = _offline_rows(cfg, tok)
+    else:
+        if mode == "online":
+            check_same_vocab(load_tokenizer(cfg.proxy), tok, ("proxy", "student"))
+            rows_v = vocab_size(student.model)
+
+            def same_head(m: nn.Module) -> None:
+                if vocab_size(m) != rows_v:
+                    raise PipelineError(f"proxy head has {vocab_size(m)} rows, student head {rows_v}")
+
+            proxy = prepare_model(cfg.proxy, cfg, acc, name="proxy", train=False, check=same_head)
+        rows = _online_rows(cfg, tok)
+        k = 0  # the online proxy gives its full distribution
     held = tokenize_records(load_records(cfg.eval_data), tok, cfg.max_length) if cfg.eval_data else []
     pad = tok.pad_token_id
     out = Path(cfg.output_dir)  # touched only once the inputs have loaded
@@ -178,7 +173,7 @@ def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
         return b
 
     def eval_fn(m: nn.Module) -> float:
-        return heldout_nll(m, held, pad, cfg.per_device_eval_batch_size, cfg.chunk_size, cfg.backend)
+        return heldout_nll(m, held, pad, cfg.per_device_eval_batch_size, cfg.chunk_size, cfg.backend, acc=acc)
 
     steps = total_steps(cfg, len(rows), cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
                         * acc.num_processes)
@@ -187,8 +182,9 @@ def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
                 accelerator=acc, desc="distill", resume=resume)
     summary = {"finished": res.finished, "steps": res.steps, "best_eval_nll": res.best_eval,
                "final_eval_nll": eval_fn(student) if (held and res.finished) else None}
+    if res.finished:
+        save_trained(student, tok, str(out), acc)
     if res.finished and acc.is_main_process:
-        save_model(student, tok, str(out))
         (out / "distill_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     acc.wait_for_everyone()
     return summary

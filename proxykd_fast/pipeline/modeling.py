@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,14 +28,39 @@ def load_tokenizer(path: str) -> Any:
     return tok
 
 
-def load_model(path: str, dtype: str = "float32") -> nn.Module:
-    """Load an `AutoModelForCausalLM` and check that the fused losses can reproduce its logits."""
-    from transformers import AutoModelForCausalLM
+def load_model(path: str, dtype: str = "float32", attn_implementation: str = "sdpa", meta: bool = False) -> nn.Module:
+    """Load an `AutoModelForCausalLM` and check that the fused losses can reproduce its logits.
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    `meta`: build it from its config on the meta device instead (no weights read; what FSDP's non-main ranks do
+    before the main one broadcasts its weights), so only the config-level checks run.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_attn_implementation(attn_implementation)
+    if meta:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
+                                                     attn_implementation=attn_implementation)
+        check_supported(model)
+        return model
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                 attn_implementation=attn_implementation)
     check_supported(model)
     check_head_matches_logits(model, path)
     return model
+
+
+def check_attn_implementation(name: str) -> None:
+    """Refuse an attention implementation this machine cannot run, before any model is loaded."""
+    if name != "flash_attention_2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        raise PipelineError(
+            "--attn-implementation flash_attention_2 needs the flash-attn package (pip install flash-attn) and a "
+            "CUDA GPU, which this machine does not have: use sdpa (the default) or eager")
 
 
 def _pipeline_errors(fn: Any) -> Any:
@@ -57,31 +83,73 @@ head_params = _pipeline_errors(hf.head_params)
 vocab_size = _pipeline_errors(hf.vocab_size)
 logit_scale = hf.logit_scale
 _unwrap = hf.unwrap
+causal_lm = hf.causal_lm
 _hidden_and_head = _pipeline_errors(hf.hidden_and_head)
 
 
 class HiddenAndHead(nn.Module):
-    """Wrap a causal LM so that forward returns (last hidden state, head weight, head bias).
+    """Wrap a causal LM so that forward returns (last hidden state, head weight, head bias), or runs a loss on them.
 
-    Training calls go through this module's forward, so DDP/accelerate hooks fire; the hidden
-    states come from the model's own forward (`integrations.hf.hidden_and_head`), so its hooks
-    apply, and the fused losses then read the head without any [tokens x vocab] logits. With
-    `autocast` (e.g. torch.bfloat16) the model runs under torch.autocast and its hidden states come
-    back in the head's dtype, so the fused losses and the head stay in the weights' precision.
+    The hidden states come from the model's own forward (`integrations.hf.hidden_and_head`), so its
+    hooks apply; the losses read the head without any [tokens x vocab] logits. Training calls pass
+    `head_fn`, which runs inside the head's call: DDP's hooks fire, and under FSDP2 (this module is
+    the root unit, holding the embeddings and the head) the head weight is the gathered one and FSDP
+    reduce-scatters its gradient itself. With `autocast` (e.g. torch.bfloat16) the model runs under
+    torch.autocast and the hidden states, head weight and bias reach the loss in that dtype, as
+    autocast would run the head's matmul (the loss accumulates in fp32; the fp32 master weight gets
+    the gradient). With `packing` the batch's samples run concatenated (see `pack_batch`) and the
+    hidden states come back in the batch's padded layout.
     """
 
-    def __init__(self, model: nn.Module, autocast: torch.dtype | None = None) -> None:
+    def __init__(self, model: nn.Module, autocast: torch.dtype | None = None, packing: bool = False) -> None:
         super().__init__()
         check_supported(model)
         self.model = model
         self.autocast = autocast
+        self.packing = packing
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Hidden states (scaled by logit_scale) and the head parameters."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                head_fn: Callable[[Tensor, Tensor, Tensor | None], Any] | None = None) -> Any:
+        """Hidden states (scaled by logit_scale) and the head parameters, or `head_fn` of them."""
+        ids, mask, keep, kwargs = input_ids, attention_mask, None, {}
+        if self.packing and attention_mask is not None and input_ids.shape[0] > 1:
+            ids, positions, keep = pack_batch(input_ids, attention_mask)
+            mask, kwargs = None, {"position_ids": positions}
+
+        def fn(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:
+            if keep is not None:
+                hidden = unpack_hidden(hidden, keep)
+            return (hidden, weight, bias) if head_fn is None else head_fn(hidden, weight, bias)
+
         if self.autocast is None:
-            return _hidden_and_head(self.model, input_ids, attention_mask)
+            return _hidden_and_head(self.model, ids, mask, fn=fn, **kwargs)
         with torch.autocast(device_type=input_ids.device.type, dtype=self.autocast):
-            return _hidden_and_head(self.model, input_ids, attention_mask, head_dtype="weight")
+            return _hidden_and_head(self.model, ids, mask, fn=fn, head_dtype="autocast", **kwargs)
+
+    def generate(self, **kwargs: Any) -> Any:
+        """The wrapped model's `generate` (registered as a forward method under FSDP, so the root is gathered)."""
+        if self.autocast is None:
+            return self.model.generate(**kwargs)
+        with torch.autocast(device_type=kwargs["input_ids"].device.type, dtype=self.autocast):
+            return self.model.generate(**kwargs)
+
+
+def pack_batch(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids [1, N], position ids [1, N] restarting at 0 in every sample, keep mask [B, T]) of a padded batch.
+
+    The N = attention_mask.sum() real tokens of the rows are concatenated row after row; with position
+    ids and no attention mask, transformers builds a block-diagonal causal mask (sdpa, eager) or runs
+    the varlen kernels (flash_attention_2), so no token attends across a sample boundary.
+    """
+    keep = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return input_ids[keep][None], positions[keep][None], keep
+
+
+def unpack_hidden(packed: Tensor, keep: Tensor) -> Tensor:
+    """The packed hidden states [1, N, H] back in the batch's padded layout [B, T, H] (zeros at padding)."""
+    out = packed.new_zeros((*keep.shape, packed.shape[-1]))
+    return out.masked_scatter(keep[..., None], packed[0])
 
 
 def check_same_vocab(a: Any, b: Any, names: tuple[str, str] = ("proxy", "student")) -> None:

@@ -14,12 +14,36 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import faults
 from .bootstrap import make_accelerator, notice
-from .checkpoint import apply_checkpoint, list_checkpoints, newest_intact_checkpoint, save_checkpoint
+from .checkpoint import (
+    BEST_FILE,
+    SCALER_FILE,
+    apply_checkpoint,
+    list_checkpoints,
+    newest_intact_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig
 from .data import batch_indices
 from .metrics import MetricsLogger
 from .modeling import HiddenAndHead, PipelineError
+from .sharding import (
+    broadcast_object,
+    compute_dtype,
+    distribute_like,
+    full_state,
+    grad_norm,
+    is_sharded,
+    load_full_state,
+    load_optimizer_state,
+    make_scaler,
+    model_state,
+    no_sync,
+    optimizer_state,
+    snapshot,
+)
 
 # A loss is one summed term normalised by one global item count, or several named parts each
 # normalised by its own count: count_items(batch) -> int | {part: int} and
@@ -76,11 +100,13 @@ def train(
 ) -> TrainResult:
     """Train `model` in place for `steps` optimizer steps; resumable from `out_dir/checkpoints`.
 
-    `resume` (default: the config's resume_from_checkpoint) false: the checkpoints left in `out_dir`
-    by an earlier run are deleted first, so a later `--resume` can never continue a stale run. True:
-    the newest intact checkpoint is restored (broken ones are reported and skipped); when there is
-    none the run is refused, unless `allow_fresh` (the stage knows that starting this phase at step 0
-    loses nothing) or `--resume auto`, which say so.
+    `model` is a causal LM or the stage's `HiddenAndHead` (`sharding.prepare_model`: FSDP2-sharded
+    under --fsdp, else wrapped in DDP here when there are several processes); `loss_fn` and `eval_fn`
+    receive the wrapper. `resume` (default: the config's resume_from_checkpoint) false: the
+    checkpoints left in `out_dir` by an earlier run are deleted first, so a later `--resume` can never
+    continue a stale run. True: the newest intact checkpoint is restored (broken ones are reported and
+    skipped); when there is none the run is refused, unless `allow_fresh` (the stage knows that
+    starting this phase at step 0 loses nothing) or `--resume auto`, which say so.
     """
     acc = accelerator or make_accelerator()
     resume = bool(cfg.resume_from_checkpoint) if resume is None else resume
@@ -91,11 +117,16 @@ def train(
     if not resume and acc.is_main_process:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     acc.wait_for_everyone()
+    wrapped = model if isinstance(model, HiddenAndHead) else HiddenAndHead(
+        model.to(acc.device), autocast=compute_dtype(cfg), packing=cfg.packing)
+    lm = wrapped.model
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    wrapped = HiddenAndHead(model, autocast=torch.bfloat16 if cfg.bf16 else None)
-    params = [p for p in model.parameters() if p.requires_grad]
+        enable_gradient_checkpointing(lm)
+    sharded = is_sharded(wrapped)
+    prepared = wrapped if sharded else acc.prepare(wrapped)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scaler = make_scaler(cfg, acc)
     from transformers import get_scheduler
 
     kind = cfg.lr_scheduler_type
@@ -103,17 +134,16 @@ def train(
     if kind == "constant" and warmup > 0:  # HF's "constant" ignores warm-up steps
         kind = "constant_with_warmup"
     scheduler = get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
-    prepared = acc.prepare(wrapped)
     state: dict[str, Any] = {"best_eval": None, "bad_evals": 0, "stopped_early": False}
     best_weights: dict[str, Tensor] | None = None
     step = 0
     resume_step = None
     if resume:
-        ckpt = newest_intact_checkpoint(ckpt_root, report=lambda msg: notice(acc, f"[{desc}] {msg}"))
-        if ckpt is not None:
-            state, best_weights = apply_checkpoint(ckpt, model, optimizer, scheduler)
+        restored = _restore(ckpt_root, wrapped, optimizer, scheduler, scaler, acc, desc)
+        if restored is not None:
+            state, best_weights, where = restored
             step = resume_step = int(state["step"])
-            notice(acc, f"[{desc}] resumed from {ckpt.path} at step {step}")
+            notice(acc, f"[{desc}] resumed from {where} at step {step}")
         elif allow_fresh:
             notice(acc, f"[{desc}] --resume: no checkpoint of this phase in {ckpt_root}: it starts at step 0")
         else:
@@ -129,7 +159,7 @@ def train(
     global_batch = micro * accum * world
     history: list[dict[str, Any]] = []
     ran = 0
-    model.train()
+    wrapped.train()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=step, desc=desc, disable=not (cfg.progress and acc.is_main_process), leave=False)
@@ -141,14 +171,8 @@ def train(
             idx = batch_indices(n_train, global_batch, step, cfg.seed)
             mine = idx[rank * micro * accum : (rank + 1) * micro * accum]
             batches = [make_batch(mine[i * micro : (i + 1) * micro]) for i in range(accum)]
-            loss_total, sums, tokens = accumulate_gradients(acc, prepared, batches, count_items, loss_fn)
-            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            else:
-                gnorm = float("nan")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_total, sums, tokens, gnorm, stepped = training_step(
+                acc, prepared, batches, count_items, loss_fn, optimizer, scheduler, scaler, cfg.max_grad_norm)
             elapsed = time.perf_counter() - t0
             step += 1
             ran += 1
@@ -156,14 +180,16 @@ def train(
             row = {"step": step, "loss": loss_total, **sums,
                    "grad_norm": gnorm, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_s": tokens / max(elapsed, 1e-9), "peak_memory_mb": peak_memory_mb()}
+            if scaler is not None:
+                row.update({"loss_scale": float(scaler.get_scale()), "step_skipped": not stepped})
             if eval_fn is not None and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == steps):
-                value = eval_fn(model)
-                model.train()
+                value = eval_fn(wrapped)
+                wrapped.train()
                 row["eval_nll"] = value
                 if state["best_eval"] is None or value < state["best_eval"]:
                     state["best_eval"], state["bad_evals"] = value, 0
                     if cfg.early_stopping_patience:
-                        best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        best_weights = snapshot(lm)
                 else:
                     state["bad_evals"] += 1
                     if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
@@ -173,18 +199,95 @@ def train(
                 logger.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             history.append(row)
-            if cfg.save_steps and (step % cfg.save_steps == 0) and acc.is_main_process:
-                save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, best_weights,
-                                keep=cfg.save_total_limit)
-            if cfg.save_steps:
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                _save(ckpt_root, step, wrapped, optimizer, scheduler, scaler, state, best_weights, cfg, acc)
                 acc.wait_for_everyone()
+                faults.after_checkpoint(desc, step)
     finally:
         bar.close()
         logger.close()
     finished = step >= steps or bool(state.get("stopped_early"))
     if finished and best_weights is not None:
-        model.load_state_dict(best_weights)
+        lm.load_state_dict(best_weights)
     return TrainResult(steps=step, finished=finished, best_eval=state["best_eval"], history=history)
+
+
+def training_step(acc: Any, prepared: nn.Module, batches: list[dict[str, Any]], count_items: CountFn,
+                  loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                  max_grad_norm: float) -> tuple[float, dict[str, float], int, float, bool]:
+    """One optimizer step over the micro-batches: (loss, metrics, tokens, gradient norm, whether it stepped)."""
+    loss_total, sums, tokens = accumulate_gradients(acc, prepared, batches, count_items, loss_fn, scaler)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    gnorm = grad_norm(params, max_grad_norm) if max_grad_norm and max_grad_norm > 0 else float("nan")
+    stepped = _optimizer_step(optimizer, scaler)
+    if stepped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_total, sums, tokens, gnorm, stepped
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: Any) -> bool:
+    """One optimizer step (through fp16's scaler, which skips it on inf/NaN gradients); whether it stepped."""
+    if scaler is None:
+        optimizer.step()
+        return True
+    before = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return not scaler.get_scale() < before
+
+
+def _save(root: Path, step: int, wrapped: HiddenAndHead, optimizer: torch.optim.Optimizer, scheduler: Any,
+          scaler: Any, state: dict[str, Any], best: dict[str, Tensor] | None, cfg: TrainConfig, acc: Any) -> None:
+    """Checkpoint `step` from the main process; under FSDP every process first helps gather the full state."""
+    lm = wrapped.model
+    if is_sharded(wrapped):
+        model_sd, optim_sd = model_state(lm, acc), optimizer_state(lm, optimizer, acc)
+        best = full_state(best, acc) if best is not None else None
+    elif acc.is_main_process:
+        model_sd, optim_sd = lm.state_dict(), optimizer.state_dict()
+    if acc.is_main_process:
+        save_checkpoint(root, step, model_sd, optim_sd, scheduler, state, best, keep=cfg.save_total_limit,
+                        scaler=scaler)
+
+
+def _restore(root: Path, wrapped: HiddenAndHead, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+             acc: Any, desc: str) -> tuple[dict[str, Any], dict[str, Tensor] | None, Path] | None:
+    """(trainer state, best weights, path) of the newest intact checkpoint, restored into the run; None when
+    there is none. Under FSDP the main process alone reads it and hands every process its shards."""
+    lm = wrapped.model
+
+    def report(msg: str) -> None:
+        notice(acc, f"[{desc}] {msg}")
+
+    if not is_sharded(wrapped):
+        ckpt = newest_intact_checkpoint(root, report=report)
+        if ckpt is None:
+            return None
+        state, best = apply_checkpoint(ckpt, lm, optimizer, scheduler)
+        if scaler is not None and SCALER_FILE in ckpt.tensors:
+            scaler.load_state_dict(ckpt.tensors[SCALER_FILE])
+        return state, best, ckpt.path
+    ckpt = newest_intact_checkpoint(root, report=report) if acc.is_main_process else None
+    t = ckpt.tensors if ckpt is not None else {}
+    small = broadcast_object(None if ckpt is None else {
+        "path": ckpt.path, "state": ckpt.trainer_state, "scheduler": t["scheduler.pt"], "rng": t["rng.pt"],
+        "scaler": t.get(SCALER_FILE), "best": BEST_FILE in t}, acc)
+    if small is None:
+        return None
+    try:
+        load_full_state(lm, t.get("model.pt"), acc)
+        load_optimizer_state(lm, optimizer, t.get("optimizer.pt"), acc)
+        scheduler.load_state_dict(small["scheduler"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise PipelineError(f"checkpoint {small['path']} does not fit this run's model or optimizer: {exc}") from None
+    set_rng_state(small["rng"])
+    if scaler is not None and small["scaler"] is not None:
+        scaler.load_state_dict(small["scaler"])
+    best = distribute_like(t.get(BEST_FILE), lm.state_dict(), acc) if small["best"] else None
+    return small["state"], best, small["path"]
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -208,6 +311,7 @@ def _parts(value: Any, what: str) -> dict[str, Any]:
 
 def accumulate_gradients(
     acc: Any, prepared: nn.Module, batches: list[dict[str, Any]], count_items: CountFn, loss_fn: LossFn,
+    scaler: Any = None,
 ) -> tuple[float, dict[str, float], int]:
     """Backward over micro-batches so the gradient is that of sum_parts (summed part) / (global count of part).
 
@@ -215,7 +319,7 @@ def accumulate_gradients(
     item count; with several (dicts keyed alike, e.g. {"dpo": pairs, "nll": chosen tokens}) each part
     has its own normaliser, so accumulation and DDP are exact for every part. Counts are summed over
     micro-batches and processes first; each micro loss is scaled by world_size / count because DDP
-    averages gradients over processes. Returns (the global loss, metrics averaged over micro-batches and
+    averages gradients over processes (as FSDP2's reduce-scatter does). `scaler`: fp16's loss scaler. Returns (the global loss, metrics averaged over micro-batches and
     processes, plus loss/<part> for several parts, and tokens seen by all processes).
     """
     world = acc.num_processes
@@ -233,13 +337,13 @@ def accumulate_gradients(
     for i, batch in enumerate(batches):
         batch = {k: v.to(acc.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         tokens += int(batch["attention_mask"].sum())
-        ctx = acc.no_sync(prepared) if i < len(batches) - 1 else _null()
-        with ctx:
+        with no_sync(acc, prepared, skip=i < len(batches) - 1):
             losses, metrics = loss_fn(prepared, batch)
             losses = _parts(losses, "loss_fn")
             if sorted(losses) != keys:
                 raise ValueError(f"loss_fn returned parts {sorted(losses)} but count_items counted {keys}")
-            acc.backward(sum(losses[k] * (world / denom[k]) for k in keys))
+            total = sum(losses[k] * (world / denom[k]) for k in keys)
+            acc.backward(total if scaler is None else scaler.scale(total))
         for k in keys:
             part_sums[k] += float(losses[k].detach())
         for k, v in metrics.items():
@@ -256,13 +360,3 @@ def accumulate_gradients(
     if len(keys) > 1:
         metrics_out.update({f"loss/{k}": v for k, v in parts.items()})
     return sum(parts.values()), metrics_out, int(totals[-1])
-
-
-class _null:
-    """A do-nothing context manager."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

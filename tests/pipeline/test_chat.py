@@ -125,7 +125,7 @@ class _FakeGenerator(torch.nn.Module):
 
 
 def test_rejected_samples_stop_at_end_of_turn() -> None:
-    from proxykd_fast.pipeline.align import generate_rejected
+    from proxykd_fast.pipeline.align import sample_rejected
     from proxykd_fast.pipeline.config import AlignProxyConfig
 
     tok = chat_tokenizer()
@@ -133,7 +133,7 @@ def test_rejected_samples_stop_at_end_of_turn() -> None:
     examples = tokenize_records([collected(PROMPT, "t3", "prompt_completion")] * 2, tok, 64)
     fake = _FakeGenerator([[7, 8, im_end, 9, 9], [7, 7, 7, 7, 7]])
     cfg = AlignProxyConfig(gen_top_k=5, gen_batch_size=4, progress=False)
-    out = generate_rejected(fake, tok, examples, cfg, seed=0)
+    out = sample_rejected(fake, tok, examples, cfg, seed=0)
     assert out == [[7, 8, im_end], [7, 7, 7, 7, 7]]
     assert fake.kwargs["top_k"] == 5 and im_end in fake.kwargs["eos_token_id"]
 

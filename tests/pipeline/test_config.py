@@ -181,3 +181,31 @@ def test_backend_help_names_every_backend() -> None:
     from proxykd_fast.pipeline.config import BACKEND_HELP
 
     assert all(name in BACKEND_HELP for name in BACKENDS)
+
+
+@pytest.mark.parametrize("cls", [AlignProxyConfig, PrecomputeConfig, DistillConfig, EvalConfig])
+def test_scale_options_on_every_stage(cls: type) -> None:
+    """--mixed-precision (and TrainingArguments' --bf16 / --fp16), --attn-implementation, --packing and --fsdp."""
+    cfg = cls.parse_args(["--bf16", "--fsdp", "--padding-free", "--attn-implementation", "eager"])
+    assert (cfg.mixed_precision, cfg.bf16, cfg.fp16, cfg.fsdp, cfg.packing, cfg.attn_implementation) == (
+        "bf16", True, False, "full_shard", True, "eager")
+    assert cls.parse_args(["--mixed-precision", "bf16"]) == cls.parse_args(["--bf16"])  # one setting, two spellings
+    cfg = cls.parse_args(["--mixed-precision", "fp16", "--fsdp", "shard_grad_op auto_wrap"])
+    assert (cfg.fp16, cfg.bf16, cfg.fsdp) == (True, False, "shard_grad_op")
+    assert cls.from_dict({"fsdp": "full_shard auto_wrap", "fp16": True}).fsdp == "full_shard"  # a TRL YAML's value
+    assert cls().fsdp is False and cls().mixed_precision == "no" and cls().attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(("values", "match"), [
+    ({"bf16": True, "fp16": True}, "'bf16' and 'fp16' are both set"),
+    ({"bf16": True, "mixed_precision": "fp16"}, "'bf16' contradicts mixed_precision='fp16'"),
+    ({"mixed_precision": "fp8"}, "'mixed_precision' must be one of no, bf16, fp16"),
+    ({"attn_implementation": "flash"}, "'attn_implementation' must be one of"),
+    ({"fsdp": "offload"}, "CPU offload is not supported"),
+    ({"fsdp": "hybrid_shard"}, "hybrid sharding"),
+    ({"fsdp": "full_shard shard_grad_op"}, "two sharding modes"),
+    ({"fsdp": "ful_shard"}, "did you mean 'full_shard'"),
+])
+def test_scale_options_refuse_bad_values(values: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(**values)

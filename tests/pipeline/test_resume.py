@@ -1,4 +1,6 @@
-"""Kill-and-resume through the CLI, fresh starts without --resume, and refused resumes with changed options."""
+"""Kill-and-resume through the CLI (one process, and two FSDP2 processes), fresh starts without --resume, and
+refused resumes with changed options. The kills are deterministic: every process SIGKILLs itself right after
+a given checkpoint is on disk (`pipeline.faults`), so no test races a timer."""
 
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from proxykd_fast.pipeline import (
     distill,
     precompute,
 )
+from proxykd_fast.pipeline.faults import KILL_AFTER_CHECKPOINT
 from proxykd_fast.pipeline.metrics import read_metrics
+from tests.support.dist import single_process, spawn
 from tests.support.pipeline_data import tiny_model, write_data
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,39 +45,87 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(files: dict[str, Path], tmp_path: Path) -> None:
-    steps, every = 80, 10
-    opts = dict(student=str(files["student"]), proxy=str(files["proxy"]), data=str(files["train"]), split="0:1",
-                alpha=1.0, max_steps=steps, batch_size=3, learning_rate=1e-2, lr_scheduler="linear", warmup_steps=5,
-                save_every=every, eval_data=str(files["val"]), eval_every=40, early_stopping_patience=100,
-                progress=False)
-    args = ["distill"]
+def _argv(opts: dict[str, object]) -> list[str]:
+    """`proxykd distill` flags for the options."""
+    argv = ["distill"]
     for k, v in opts.items():
         flag = "--" + k.replace("_", "-")
-        args += [flag] if v is True else ["--no-" + flag[2:]] if v is False else [flag, str(v)]
-    out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    # SIGKILL from inside the run right after checkpoint 2 * every: mid-run, at the same step every time
-    killed = subprocess.run([sys.executable, "-m", "tests.support.kill_after_checkpoint", str(2 * every), *args,
-                             "--output-dir", str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert not (out / "config.json").exists()
-    done = subprocess.run([sys.executable, "-m", "proxykd_fast.cli", *args, "--output-dir", str(out), "--resume"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from" in done.stdout + done.stderr
+        argv += [flag] if v is True else ["--no-" + flag[2:]] if v is False else [flag, str(v)]
+    return argv
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the subprocesses
-    try:
-        distill(DistillConfig(output_dir=str(tmp_path / "full"), **opts))
-    finally:
-        torch.set_num_threads(threads)
-    a, b = _weights(tmp_path / "full"), _weights(out)
+
+def _assert_same_weights(got: Path, want: Path, atol: float) -> None:
+    a, b = _weights(want), _weights(got)
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=k)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(files: dict[str, Path], tmp_path: Path) -> None:
+    steps, every = 40, 10
+    opts = dict(student=str(files["student"]), proxy=str(files["proxy"]), data=str(files["train"]), split="0:1",
+                alpha=1.0, max_steps=steps, batch_size=3, learning_rate=1e-2, lr_scheduler="linear", warmup_steps=5,
+                save_every=every, eval_data=str(files["val"]), eval_every=20, early_stopping_patience=100,
+                progress=False)
+    argv = [sys.executable, "-m", "proxykd_fast.cli", *_argv(opts)]
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # Killed (SIGKILL, no cleanup) right after checkpoint 20 is on disk: a deterministic point mid-run.
+    killed = subprocess.run(argv + ["--output-dir", str(out)], env={**env, KILL_AFTER_CHECKPOINT: "distill:20"},
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (out / "config.json").exists()
+    done = subprocess.run(argv + ["--output-dir", str(out), "--resume"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr and "step-20 at step 20" in done.stderr
+
+    with single_process():  # one thread, as in the subprocesses
+        distill(DistillConfig(output_dir=str(tmp_path / "full"), **opts))
+    _assert_same_weights(out, tmp_path / "full", atol=1e-6)
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, steps + 1))
+
+
+def _cli(rank: int, world: int, argv: list[str]) -> None:
+    """`proxykd ...` in a spawned process; a failure fails the spawn."""
+    from proxykd_fast.cli import main
+
+    if main(argv) != 0:
+        raise SystemExit(f"proxykd {' '.join(argv)} failed")
+
+
+def test_sigkill_under_two_fsdp_processes_then_resume_matches_one_process(
+        files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Both processes of an FSDP2 distill (online sharded proxy, accumulation, held-out evaluation with best
+    weights) are SIGKILLed after checkpoint 6; two new processes resume from it and end where one process does."""
+    import torch.multiprocessing as mp
+
+    steps = 9
+    opts = dict(student=str(files["student"]), proxy=str(files["proxy"]), data=str(files["train"]), split="0:1",
+                alpha=1.0, max_steps=steps, learning_rate=1e-2, lr_scheduler="linear", warmup_steps=2, save_every=3,
+                eval_data=str(files["val"]), eval_every=3, early_stopping_patience=100, progress=False)
+    sharded = [*_argv({**opts, "batch_size": 1, "grad_accum": 2}), "--fsdp", "--output-dir", str(tmp_path / "fsdp")]
+    monkeypatch.setenv(KILL_AFTER_CHECKPOINT, "distill:6")
+    with pytest.raises(mp.ProcessExitedException) as killed:
+        spawn(_cli, 2, tmp_path, sharded)
+    assert killed.value.exit_code == -signal.SIGKILL
+    ckpts = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints").iterdir())
+    assert ckpts == ["step-3", "step-6"]
+    monkeypatch.delenv(KILL_AFTER_CHECKPOINT)
+    capfd.readouterr()
+    spawn(_cli, 2, tmp_path, [*sharded, "--resume"])
+    assert "step-6 at step 6" in capfd.readouterr().err  # the spawned processes write to this test's stderr
+
+    with single_process():
+        distill(DistillConfig(output_dir=str(tmp_path / "one"), batch_size=4, **opts))
+    _assert_same_weights(tmp_path / "fsdp", tmp_path / "one", atol=1e-5)
+    rows = read_metrics(tmp_path / "fsdp" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    want = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval_nll" in r] == [r["step"] for r in want if "eval_nll" in r] == [3, 6, 9]
+    assert [r["eval_nll"] for r in rows if "eval_nll" in r] == pytest.approx(
+        [r["eval_nll"] for r in want if "eval_nll" in r], rel=1e-5)
 
 
 def test_distill_without_resume_starts_fresh_and_resume_checks_options(files: dict[str, Path],

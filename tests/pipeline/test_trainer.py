@@ -200,7 +200,7 @@ def _sft_run(tmp_path: Path, steps: int = 2, **overrides: Any) -> tuple[torch.nn
     from proxykd_fast.pipeline.align import count_tokens, sft_loss_fn
 
     model = build_llama(VOCAB, 16, 2, 32, 2, 0)
-    seqs = [[5 + (i * 3 + j) % 30 for j in range(10)] for i in range(4)]
+    seqs = [[5 + (i * 3 + j) % 30 for j in range(4 + 2 * i)] for i in range(4)]  # lengths 4..10: padding
     cfg = TrainConfig(**{**dict(batch_size=2, progress=False, output_dir=str(tmp_path), learning_rate=1e-2), **overrides})
     res = train(cfg, model, n_train=4, make_batch=lambda idx: pad_batch([seqs[i] for i in idx], [2] * len(idx), 0),
                 count_items=count_tokens, loss_fn=sft_loss_fn(None, "torch"), out_dir=tmp_path, steps=steps)
@@ -225,6 +225,25 @@ def test_bf16_autocasts_the_backbone_only(tmp_path: Path) -> None:
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights and optimizer stay fp32
     loss32, loss16 = full.history[0]["loss"], mixed.history[0]["loss"]
     assert loss16 != loss32 and loss16 == pytest.approx(loss32, rel=2e-2)  # bf16 matmuls: close, not equal
+
+
+def test_fp16_autocasts_with_a_loss_scaler(tmp_path: Path) -> None:
+    _, full = _sft_run(tmp_path / "fp32", steps=2)
+    model, mixed = _sft_run(tmp_path / "fp16", steps=2, mixed_precision="fp16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert [r["loss_scale"] for r in mixed.history] == [65536.0, 65536.0]
+    assert not any(r["step_skipped"] for r in mixed.history)
+    for a, b in zip(full.history, mixed.history):
+        assert b["loss"] != a["loss"] and b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2)  # unscaled before clipping
+
+
+def test_packing_trains_the_same(tmp_path: Path) -> None:
+    plain, a = _sft_run(tmp_path / "plain", steps=3)
+    packed, b = _sft_run(tmp_path / "packed", steps=3, packing=True)
+    assert [r["loss"] for r in b.history] == pytest.approx([r["loss"] for r in a.history], rel=1e-5)
+    for (name, x), y in zip(plain.state_dict().items(), packed.state_dict().values()):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_warmup_ratio_sets_the_warmup_steps(tmp_path: Path) -> None:

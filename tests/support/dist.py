@@ -9,7 +9,8 @@ torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, ...) are set too, for accelera
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,3 +34,31 @@ def spawn(fn: Callable[..., None], world: int, tmp_path: Path, *args: object) ->
     rdzv = Path(tmp_path) / f"rdzv-{world}"
     rdzv.unlink(missing_ok=True)
     mp.spawn(_entry, args=(fn, world, str(rdzv), args), nprocs=world, join=True)
+
+
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_FSDP")
+
+
+@contextmanager
+def torch_single_thread() -> Iterator[None]:
+    """One torch CPU thread (as the spawned processes have, and much faster for tiny models on a small shared
+    machine), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def single_process() -> Iterator[None]:
+    """A plain one-process run in this process, to compare with `spawn`'s: no launcher environment, and one
+    thread, as the spawned processes have (floating-point results can depend on the thread count)."""
+    saved = {k: os.environ.pop(k) for k in LAUNCH_ENV if k in os.environ}
+    try:
+        with torch_single_thread():
+            yield
+    finally:
+        os.environ.update(saved)

@@ -18,8 +18,8 @@ def write_data(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-def tiny_model(path: Path, seed: int, hidden: int = 16, n_words: int = N_WORDS) -> Path:
-    """A 1-layer Llama with the word-level tokenizer, saved for from_pretrained."""
+def tiny_model(path: Path, seed: int, hidden: int = 16, n_words: int = N_WORDS, layers: int = 1) -> Path:
+    """A small Llama (1 layer by default) with the word-level tokenizer, saved for from_pretrained."""
     tok = build_tokenizer(n_words)
-    save(build_llama(len(tok), hidden, 1, 32, 2, seed), tok, path)
+    save(build_llama(len(tok), hidden, layers, 32, 2, seed), tok, path)
     return path

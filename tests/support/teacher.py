@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import threading
@@ -12,12 +11,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import torch
-
 from proxykd_fast.teacher.asgi import App, Receive, Scope, Send, read_body, replay_body
 from proxykd_fast.teacher.faults import COMPLETION_PATHS, FaultConfig, FaultInjector, request_fingerprint
 from proxykd_fast.teacher.server import TeacherServer
 from proxykd_fast.teacher.tiny import tiny_teacher
+from tests.support.dist import torch_single_thread
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -135,17 +133,6 @@ class SubmissionCounter:
             return real(row)
 
         engine.submit = submit
-
-
-@contextlib.contextmanager
-def torch_single_thread() -> Iterator[None]:
-    """One torch CPU thread (much faster for the tiny model on a small shared machine), restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def tiny_server(seed: int, **kwargs: Any) -> Iterator[TeacherServer]:
