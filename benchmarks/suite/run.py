@@ -50,12 +50,13 @@ def device_tag(device: torch.device) -> str:
     return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def plan(preset: Preset, losses: list[str], variants: list[str] | None, dtypes: list[str]) -> list[Case]:
+def plan(preset: Preset, losses: list[str], variants: list[str] | None, dtypes: list[str],
+         main_only: bool = False) -> list[Case]:
     """Every case, main shape first (the headline tables fill in first), then the sweeps."""
     from .variants import variants_for
 
     cases = []
-    for shape in preset.shapes():
+    for shape in preset.shapes()[:1] if main_only else preset.shapes():
         for loss in losses:
             for dtype in dtypes:
                 for variant in variants_for(loss):
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     ap.add_argument("--losses", default=",".join(LOSSES))
     ap.add_argument("--variants", default=None, help="comma list (default: every variant of each loss)")
     ap.add_argument("--dtypes", default=None, help=f"comma list of {DTYPES} (default: the preset's)")
+    ap.add_argument("--main-only", action="store_true", help="only the preset's main shape (no sweeps)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case (default: the preset's, >= 5)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2 if not torch.cuda.is_available() else 0,
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     ap.add_argument("--retry-errors", action="store_true", help="re-run cases recorded as errors")
     ap.add_argument("--fresh", action="store_true", help="forget recorded cases of this run and start over")
     ap.add_argument("--no-report", action="store_true", help="skip REPORT.md and the plots")
+    ap.add_argument("--readme", action="store_true", help="also refresh the README's benchmark block")
     ap.add_argument("--oracle-job", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         for f in cases_dir.iterdir():
             f.unlink()
     cases_dir.mkdir(parents=True, exist_ok=True)
-    cases = plan(preset, losses, args.variants.split(",") if args.variants else None, dtypes)
+    cases = plan(preset, losses, args.variants.split(",") if args.variants else None, dtypes, args.main_only)
     meta = {"preset": args.preset, "device": str(device), "repeats": repeats, "threads": args.threads,
             "uptime_start": _uptime(), "started": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     print(f"{len(cases)} cases ({args.preset}, {device}, {args.threads or 'default'} threads) -> {run_dir}")
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     if not args.no_report:
         from .report import write_report
 
-        print(f"wrote {write_report(out)}")
+        print(f"wrote {write_report(out, readme=args.readme)}")
     return out
 
 
