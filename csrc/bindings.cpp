@@ -25,18 +25,33 @@ int device_count() {
   return n;
 }
 
-void kd_epilogue(std::uintptr_t S, std::uintptr_t P, std::uintptr_t labels, std::uintptr_t c_nll,
-                 std::uintptr_t c_kd, std::uintptr_t nll, std::uintptr_t kd, int64_t C, int64_t V, int64_t ldS,
-                 int64_t ldP, float temperature, bool need_grad, std::uintptr_t stream) {
-  if (temperature <= 0.0f) throw std::invalid_argument("temperature must be > 0");
-  proxykd::EpilogueArgs a{reinterpret_cast<float*>(S),         reinterpret_cast<const float*>(P),
-                          reinterpret_cast<const int64_t*>(labels), reinterpret_cast<const float*>(c_nll),
-                          reinterpret_cast<const float*>(c_kd), reinterpret_cast<float*>(nll),
-                          reinterpret_cast<float*>(kd),         C,
-                          V,                                    ldS,
-                          ldP,                                  temperature,
-                          need_grad};
-  check(proxykd::launch_kd_epilogue(a, reinterpret_cast<cudaStream_t>(stream)), "kd_epilogue launch");
+// EpilogueArgs as Python sees it: the same fields as proxykd::EpilogueArgs, pointers as ints.
+struct PyEpilogueArgs {
+  std::uintptr_t S = 0, P = 0, labels = 0, c_nll = 0, c_kd = 0, nll = 0, kd = 0;
+  int64_t C = 0, V = 0, ldS = 0, ldP = 0;
+  float temperature = 1.0f;
+  bool need_grad = false;
+};
+
+void kd_epilogue(const PyEpilogueArgs& a, std::uintptr_t stream) {
+  if (a.temperature <= 0.0f) throw std::invalid_argument("temperature must be > 0");
+  if (a.S == 0 || a.labels == 0 || a.c_nll == 0 || a.nll == 0) throw std::invalid_argument("null S/labels/c_nll/nll");
+  if (a.P != 0 && (a.c_kd == 0 || a.kd == 0)) throw std::invalid_argument("a proxy needs c_kd and kd");
+  proxykd::EpilogueArgs args;
+  args.S = reinterpret_cast<float*>(a.S);
+  args.P = reinterpret_cast<const float*>(a.P);
+  args.labels = reinterpret_cast<const int64_t*>(a.labels);
+  args.c_nll = reinterpret_cast<const float*>(a.c_nll);
+  args.c_kd = reinterpret_cast<const float*>(a.c_kd);
+  args.nll = reinterpret_cast<float*>(a.nll);
+  args.kd = reinterpret_cast<float*>(a.kd);
+  args.C = a.C;
+  args.V = a.V;
+  args.ldS = a.ldS;
+  args.ldP = a.ldP;
+  args.temperature = a.temperature;
+  args.need_grad = a.need_grad;
+  check(proxykd::launch_kd_epilogue(args, reinterpret_cast<cudaStream_t>(stream)), "kd_epilogue launch");
 }
 
 }  // namespace
@@ -44,8 +59,21 @@ void kd_epilogue(std::uintptr_t S, std::uintptr_t P, std::uintptr_t labels, std:
 PYBIND11_MODULE(_cuda_ext, m) {
   m.doc() = "proxykd_fast CUDA kernels (raw-pointer interface, no torch headers)";
   m.def("device_count", &device_count, "Number of CUDA devices visible to the runtime (0 when none)");
+  py::class_<PyEpilogueArgs>(m, "EpilogueArgs", "Arguments of kd_epilogue (pointers as ints), by name")
+      .def(py::init<>())
+      .def_readwrite("S", &PyEpilogueArgs::S)
+      .def_readwrite("P", &PyEpilogueArgs::P)
+      .def_readwrite("labels", &PyEpilogueArgs::labels)
+      .def_readwrite("c_nll", &PyEpilogueArgs::c_nll)
+      .def_readwrite("c_kd", &PyEpilogueArgs::c_kd)
+      .def_readwrite("nll", &PyEpilogueArgs::nll)
+      .def_readwrite("kd", &PyEpilogueArgs::kd)
+      .def_readwrite("C", &PyEpilogueArgs::C)
+      .def_readwrite("V", &PyEpilogueArgs::V)
+      .def_readwrite("ldS", &PyEpilogueArgs::ldS)
+      .def_readwrite("ldP", &PyEpilogueArgs::ldP)
+      .def_readwrite("temperature", &PyEpilogueArgs::temperature)
+      .def_readwrite("need_grad", &PyEpilogueArgs::need_grad);
   m.def("kd_epilogue", &kd_epilogue, "Fused NLL + T^2 KL(p||q_T) row epilogue; dlogits in place over S",
-        py::arg("S"), py::arg("P"), py::arg("labels"), py::arg("c_nll"), py::arg("c_kd"), py::arg("nll"),
-        py::arg("kd"), py::arg("C"), py::arg("V"), py::arg("ldS"), py::arg("ldP"), py::arg("temperature"),
-        py::arg("need_grad"), py::arg("stream"));
+        py::arg("args"), py::arg("stream"));
 }

@@ -1,9 +1,10 @@
-"""Per-chunk loss epilogue in plain torch: NLL, divergence and dlogits from fp32 logits.
+"""The row epilogue in plain torch (every mode, any float dtype), and its per-token form for DPO.
 
-The chunk driver hands over the student logits `S` (and proxy logits `P`) of C rows in fp32.
-This computes the per-row NLL and the T^2-scaled divergence, and, when asked, overwrites `S`
-with d(loss)/d(logits). Every op writes into a preallocated buffer so a chunk costs a handful
-of memory passes on top of its GEMMs.
+The chunk engine hands over the student logits `S` (and proxy logits `P`) of C rows in fp32
+(fp64 for fp64 inputs). `TorchEpilogue` computes the per-row NLL and the T^2-scaled divergence
+and, when asked, overwrites `S` with d(loss)/d(logits). Every op writes into a preallocated
+buffer so a chunk costs a handful of memory passes on top of its GEMMs. It is the reference
+form of the `RowEpilogue` contract the Triton and CUDA epilogues also implement.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._validation import KDOptions
+from ._spec import EpilogueArgs, LossSpec
 
 ROWDOT_BLOCK = 4096  # columns per partial sum of `rowdot`
 
@@ -40,36 +41,42 @@ def _subtract_label_grad(S: Tensor, labels: Tensor, c_nll: Tensor) -> None:
     S.scatter_add_(1, labels[:, None], -c_nll[:, None])
 
 
-def torch_epilogue(
-    S: Tensor,
-    P: Tensor | None,
-    R: Tensor | None,
-    topk_ids: Tensor | None,
-    topk_logprobs: Tensor | None,
-    labels: Tensor,
-    c_nll: Tensor,
-    c_kd: Tensor,
-    opts: KDOptions,
-    need_grad: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """Return (nll [C], kd [C] or None) and, if need_grad, leave dlogits in S.
+class TorchEpilogue:
+    """The `RowEpilogue` in plain torch: every mode and dtype; needs scratch R for most modes."""
 
-    S, P, R are [C, V] fp32 buffers (S and P hold the student and proxy logits on entry, R is
-    scratch). `labels` must already be in range (ignored rows clamped), `c_nll` / `c_kd` are the
-    per-row gradient coefficients of the NLL and of the distillation term (0 on ignored rows).
-    """
-    T = opts.temperature
+    name = "torch"
+
+    def buffers(self, spec: LossSpec, online: bool, dtype: torch.dtype) -> int:
+        """S, then P when online, then R (CE needs S only; offline KD at T=1 needs no R)."""
+        if spec.divergence is None:
+            return 1
+        if not online:
+            return 1 if spec.temperature == 1.0 else 2
+        return 3
+
+    def __call__(self, args: EpilogueArgs, spec: LossSpec) -> tuple[Tensor, Tensor | None]:
+        """(nll [C], kd [C] or None); with args.need_grad, dlogits in args.S."""
+        return torch_epilogue(args, spec)
+
+
+def torch_epilogue(args: EpilogueArgs, spec: LossSpec) -> tuple[Tensor, Tensor | None]:
+    """Return (nll [C], kd [C] or None) and, if need_grad, leave dlogits in S (see EpilogueArgs)."""
+    S, P, R, labels, c_nll, c_kd, need_grad = args.S, args.P, args.R, args.labels, args.c_nll, args.c_kd, args.need_grad
+    T = spec.temperature
+    div = spec.divergence
+    if div is None and spec.logit_scale != 1.0:  # CE of scaled logits (tempered log-probs)
+        S.mul_(spec.logit_scale)
+        c_nll = c_nll * spec.logit_scale  # d/dz = scale * d/d(scale z)
     torch.log_softmax(S, 1, out=S)  # S = log q
     nll = -S.gather(1, labels[:, None]).view(-1)
-    div = opts.divergence
     if div is None:
         if need_grad:
             S.exp_().mul_(c_nll[:, None])
             _subtract_label_grad(S, labels, c_nll)
         return nll, None
 
-    if topk_ids is not None:
-        return nll, _offline_forward_kl(S, R, topk_ids, topk_logprobs, labels, c_nll, c_kd, T, need_grad)
+    if args.topk_ids is not None:
+        return nll, _offline_forward_kl(S, R, args.topk_ids, args.topk_logprobs, labels, c_nll, c_kd, T, need_grad)
 
     assert P is not None and R is not None
     if T != 1.0:
@@ -85,7 +92,7 @@ def torch_epilogue(
     elif div == "reverse_kl":
         kd = _reverse_kl(S, P, R, labels, c_nll, c_kd, T, need_grad)
     else:
-        kd = _jsd(S, P, R, labels, c_nll, c_kd, T, opts.jsd_beta, need_grad)
+        kd = _jsd(S, P, R, labels, c_nll, c_kd, T, spec.jsd_beta, need_grad)
     return nll, kd * (T * T)
 
 
@@ -202,3 +209,17 @@ def _offline_forward_kl(
         S.scatter_add_(1, ids, p * (-c_t)[:, None])
         _subtract_label_grad(S, labels, c_nll)
     return kd * (T * T)
+
+
+class TorchTokenRows:
+    """Per-token steps of a sequence-level loss (DPO) in plain torch: log-softmax in place, then dlogits."""
+
+    def logps(self, S: Tensor, labels: Tensor) -> Tensor:
+        """Leave log softmax(S) in S and gather the labels' entries."""
+        torch.log_softmax(S, 1, out=S)
+        return S.gather(1, labels[:, None]).view(-1)
+
+    def dlogits(self, S: Tensor, labels: Tensor, coef: Tensor) -> None:
+        """S holds log-probs: S = coef * (onehot - exp(S))."""
+        S.exp_().mul_((-coef)[:, None])
+        S.scatter_add_(1, labels[:, None], coef[:, None])

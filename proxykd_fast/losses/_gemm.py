@@ -1,7 +1,9 @@
-"""GEMM helpers for the chunked backends: fp32 (or fp64) logits from any operands, and
-a reusable workspace so a CPU step does not page-fault fresh [C, V] buffers every call."""
+"""GEMM helpers of the chunk engine: fp32 (or fp64) logits from any operands, and a reusable
+per-thread workspace so a CPU step does not page-fault fresh [C, V] buffers every call."""
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import Tensor
@@ -9,7 +11,9 @@ from torch import Tensor
 # Bytes of [C, V] fp32 scratch a call may hold by default; chunk_size overrides it.
 DEFAULT_WORKSPACE_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
 
-_workspace: dict[str, Tensor] = {}
+# The cached CPU scratch is per thread: concurrent calls from several threads never share it.
+# CUDA scratch is not cached (the caching allocator already reuses it, ordered per stream).
+_local = threading.local()
 
 
 _PROBES: dict[tuple[torch.device, str], bool] = {}
@@ -87,21 +91,24 @@ def accumulate_grad_weight(dw32: Tensor, dlogits: Tensor, x: Tensor, dlogits_lp:
 
 
 def workspace(device: torch.device, nbuf: int, rows: int, vocab: int, dtype: torch.dtype = torch.float32) -> list[Tensor]:
-    """Return `nbuf` [rows, V] buffers (fp32, or fp64 for fp64 inputs); on CPU they are cached."""
+    """Return `nbuf` [rows, V] buffers (fp32, or fp64 for fp64 inputs); on CPU cached per thread."""
     numel = nbuf * rows * vocab
     if device.type != "cpu" or dtype != torch.float32:
         return list(torch.empty(nbuf, rows, vocab, device=device, dtype=dtype).unbind(0))
-    buf = _workspace.get("cpu")
+    buf = getattr(_local, "cpu", None)
     if buf is None or buf.numel() < numel:
-        _workspace.pop("cpu", None)
+        _local.cpu = None
         buf = torch.empty(numel, dtype=torch.float32)
-        _workspace["cpu"] = buf
+        _local.cpu = buf
     return [buf[i * rows * vocab : (i + 1) * rows * vocab].view(rows, vocab) for i in range(nbuf)]
 
 
 def release_workspace() -> None:
-    """Free the cached CPU workspace (it is re-created on the next call)."""
-    _workspace.clear()
+    """Free the calling thread's cached CPU workspace (it is re-created on its next call).
+
+    Other threads' workspaces are freed when those threads end.
+    """
+    _local.cpu = None
 
 
 def default_chunk_rows(device: torch.device, nbuf: int, vocab: int, n_rows: int) -> int:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-REDUCTIONS = ("mean", "sum", "none")
+from ._spec import DIVERGENCES, REDUCTIONS, Head, KDBatch, LossSpec
 
 
 def check_floating(name: str, t: Tensor) -> None:
@@ -162,35 +160,94 @@ def expand_sample_weight(sample_weight: Tensor | None, lead: tuple[int, ...], de
     return rows.contiguous()
 
 
-@dataclass(frozen=True)
-class KDOptions:
-    """Non-tensor options of one fused loss call, after validation."""
-
-    alpha: float = 0.0
-    temperature: float = 1.0
-    divergence: str | None = None  # None: plain NLL (cross-entropy), no distillation term
-    jsd_beta: float = 0.5
-    ignore_index: int = -100
-    reduction: str = "mean"
-    denominator: float = 1.0
-    chunk_size: int | None = None
+def prepare_head(hidden_name: str, hidden: Tensor, weight_name: str, weight: Tensor, bias_name: str,
+                 bias: Tensor | None) -> tuple[Head, tuple[int, ...]]:
+    """Validate one head (hidden [N, H] or [B, T, H], weight [V, H], bias [V]); return it flat and the lead shape."""
+    flat, lead = flatten_hidden(hidden_name, hidden)
+    check_device(weight_name, weight, flat.device)
+    vocab = check_weight(weight_name, weight, flat.shape[1], hidden_name)
+    check_bias(bias_name, bias, vocab)
+    check_device(bias_name, bias, flat.device)
+    return Head(flat, weight, bias), lead
 
 
-@dataclass
-class KDBatch:
-    """Flattened, validated tensors of one fused loss call."""
+def prepare_labels(labels: Tensor, head: Head, lead: tuple[int, ...], ignore_index: int) -> Tensor:
+    """Validated flat int64 labels on the head's device."""
+    check_device("labels", labels, head.hidden.device)
+    return check_labels(labels, lead, head.vocab, ignore_index)
 
-    student_hidden: Tensor  # [N, Hs]
-    student_weight: Tensor  # [V, Hs]
-    student_bias: Tensor | None  # [V]
-    labels: Tensor  # [N] int64
-    proxy_hidden: Tensor | None = None  # [N, Hp]
-    proxy_weight: Tensor | None = None  # [V, Hp]
-    proxy_bias: Tensor | None = None
-    topk_ids: Tensor | None = None  # [N, k] int64
-    topk_logprobs: Tensor | None = None  # [N, k] fp32
-    row_weight: Tensor | None = None  # [N] fp32
-    lead_shape: tuple[int, ...] = ()
+
+def _n_valid(flat_labels: Tensor, ignore_index: int) -> int:
+    """How many rows are not ignored."""
+    return int((flat_labels != ignore_index).sum()) if flat_labels.numel() else 0
+
+
+def prepare_ce(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None, ignore_index: int,
+               reduction: str, num_items_in_batch: int | float | Tensor | None,
+               chunk_size: int | None) -> tuple[KDBatch, LossSpec]:
+    """Validate a fused cross-entropy call and return the flattened batch plus options."""
+    head, lead = prepare_head("hidden", hidden, "weight", weight, "bias", bias)
+    flat_labels = prepare_labels(labels, head, lead, ignore_index)
+    reduction = check_reduction(reduction)
+    spec = LossSpec(ignore_index=int(ignore_index), reduction=reduction, chunk_size=check_chunk_size(chunk_size),
+                    denominator=resolve_denominator(reduction, num_items_in_batch, _n_valid(flat_labels, ignore_index)))
+    return KDBatch(head, flat_labels, lead_shape=lead), spec
+
+
+def _online_proxy(proxy_hidden: Tensor | None, proxy_weight: Tensor | None, proxy_bias: Tensor | None,
+                  lead: tuple[int, ...], vocab: int, device: torch.device) -> Head:
+    """Validate an online proxy head against the student's rows and vocabulary; detached."""
+    if proxy_hidden is None or proxy_weight is None:
+        raise ValueError("an online proxy needs both proxy_hidden and proxy_weight")
+    hp, p_lead = flatten_hidden("proxy_hidden", proxy_hidden)
+    if p_lead != lead:
+        raise ValueError(f"proxy_hidden must have leading shape {list(lead)} like student_hidden, got {list(p_lead)}")
+    check_device("proxy_hidden", proxy_hidden, device)
+    check_device("proxy_weight", proxy_weight, device)
+    p_vocab = check_weight("proxy_weight", proxy_weight, hp.shape[1], "proxy_hidden")
+    if p_vocab != vocab:
+        raise ValueError(
+            f"vocab mismatch: proxy_weight has V={p_vocab} rows but student_weight has V={vocab}; "
+            "proxy and student must share one vocabulary"
+        )
+    check_bias("proxy_bias", proxy_bias, vocab)
+    check_device("proxy_bias", proxy_bias, device)
+    return Head(hp, proxy_weight, proxy_bias).detached()
+
+
+def _offline_targets(ids: Tensor | None, lps: Tensor | None, divergence: str, proxy_bias: Tensor | None,
+                     lead: tuple[int, ...], vocab: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Validate stored top-k targets; return flat int64 ids [N, k] and fp32 log-probs [N, k]."""
+    if ids is None or lps is None:
+        raise ValueError("offline targets need both proxy_topk_ids and proxy_topk_logprobs")
+    if divergence != "forward_kl":
+        raise ValueError(
+            f"offline top-k targets support divergence='forward_kl' only, got {divergence!r}: "
+            "the proxy's mass outside its top-k is unknown"
+        )
+    if proxy_bias is not None:
+        raise ValueError("proxy_bias is only meaningful with an online proxy (proxy_weight)")
+    check_device("proxy_topk_ids", ids, device)
+    check_device("proxy_topk_logprobs", lps, device)
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TypeError(f"proxy_topk_ids must be an integer tensor, got {ids.dtype}")
+    check_floating("proxy_topk_logprobs", lps)
+    if ids.dim() != len(lead) + 1 or tuple(ids.shape[:-1]) != lead:
+        raise ValueError(f"proxy_topk_ids must have shape {list(lead) + ['k']}, got {list(ids.shape)}")
+    if tuple(lps.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"proxy_topk_logprobs must have the shape of proxy_topk_ids {list(ids.shape)}, got {list(lps.shape)}"
+        )
+    k = ids.shape[-1]
+    if k < 1 or k > vocab:
+        raise ValueError(f"top-k size must be in [1, V={vocab}], got k={k}")
+    flat_ids = ids.reshape(-1, k).long()
+    if flat_ids.numel() and bool(((flat_ids < 0) | (flat_ids >= vocab)).any()):
+        raise ValueError(f"proxy_topk_ids must be in [0, {vocab})")
+    flat_lps = lps.detach().reshape(-1, k).float()
+    if bool(torch.isnan(flat_lps).any()) or bool((flat_lps == float("inf")).any()):
+        raise ValueError("proxy_topk_logprobs contains NaN or +inf")
+    return flat_ids.contiguous(), flat_lps.contiguous()
 
 
 def prepare_kd(
@@ -205,7 +262,7 @@ def prepare_kd(
     sample_weight: Tensor | None,
     alpha: float,
     temperature: float,
-    divergence: str | None,
+    divergence: str,
     jsd_beta: float,
     ignore_index: int,
     reduction: str,
@@ -213,115 +270,54 @@ def prepare_kd(
     student_bias: Tensor | None,
     proxy_bias: Tensor | None,
     chunk_size: int | None,
-) -> tuple[KDBatch, KDOptions]:
-    """Validate a fused NLL(+KD) call and return flattened tensors plus options."""
-    hs, lead = flatten_hidden("student_hidden", student_hidden)
-    device = hs.device
-    vocab = check_weight("student_weight", student_weight, hs.shape[1], "student_hidden")
-    check_device("student_weight", student_weight, device)
-    check_bias("student_bias", student_bias, vocab)
-    check_device("student_bias", student_bias, device)
-    check_device("labels", labels, device)
-    flat_labels = check_labels(labels, lead, vocab, ignore_index)
+) -> tuple[KDBatch, LossSpec]:
+    """Validate a fused NLL + KD call (`proxy_kd_loss`'s arguments) and return the flat batch plus options."""
+    student, lead = prepare_head("student_hidden", student_hidden, "student_weight", student_weight,
+                                 "student_bias", student_bias)
+    device = student.hidden.device
+    flat_labels = prepare_labels(labels, student, lead, ignore_index)
     reduction = check_reduction(reduction)
     chunk_size = check_chunk_size(chunk_size)
-    batch = KDBatch(hs, student_weight, student_bias, flat_labels, lead_shape=lead)
-
-    if divergence is not None:
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-        alpha = float(alpha)
-        if not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
-        temperature = check_temperature(temperature)
-        jsd_beta = float(jsd_beta)
-        if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
-            raise ValueError(
-                f"jsd_beta must be in (0, 1) for divergence='jsd', got {jsd_beta}; "
-                "use divergence='forward_kl' or 'reverse_kl' for the end points"
-            )
-        online = proxy_hidden is not None or proxy_weight is not None
-        offline = proxy_topk_ids is not None or proxy_topk_logprobs is not None
-        if online and offline:
-            raise ValueError(
-                "give either an online proxy (proxy_hidden, proxy_weight) or offline targets "
-                "(proxy_topk_ids, proxy_topk_logprobs), not both"
-            )
-        if not online and not offline:
-            raise ValueError(
-                "a proxy is required: pass proxy_hidden and proxy_weight (online) or "
-                "proxy_topk_ids and proxy_topk_logprobs (offline); use linear_cross_entropy for plain NLL"
-            )
-        if online:
-            if proxy_hidden is None or proxy_weight is None:
-                raise ValueError("an online proxy needs both proxy_hidden and proxy_weight")
-            hp, p_lead = flatten_hidden("proxy_hidden", proxy_hidden)
-            if p_lead != lead:
-                raise ValueError(
-                    f"proxy_hidden must have leading shape {list(lead)} like student_hidden, got {list(p_lead)}"
-                )
-            check_device("proxy_hidden", proxy_hidden, device)
-            check_device("proxy_weight", proxy_weight, device)
-            p_vocab = check_weight("proxy_weight", proxy_weight, hp.shape[1], "proxy_hidden")
-            if p_vocab != vocab:
-                raise ValueError(
-                    f"vocab mismatch: proxy_weight has V={p_vocab} rows but student_weight has V={vocab}; "
-                    "proxy and student must share one vocabulary"
-                )
-            check_bias("proxy_bias", proxy_bias, vocab)
-            check_device("proxy_bias", proxy_bias, device)
-            batch.proxy_hidden = hp.detach()
-            batch.proxy_weight = proxy_weight.detach()
-            batch.proxy_bias = None if proxy_bias is None else proxy_bias.detach()
-        else:
-            if proxy_topk_ids is None or proxy_topk_logprobs is None:
-                raise ValueError("offline targets need both proxy_topk_ids and proxy_topk_logprobs")
-            if divergence != "forward_kl":
-                raise ValueError(
-                    f"offline top-k targets support divergence='forward_kl' only, got {divergence!r}: "
-                    "the proxy's mass outside its top-k is unknown"
-                )
-            if proxy_bias is not None:
-                raise ValueError("proxy_bias is only meaningful with an online proxy (proxy_weight)")
-            check_device("proxy_topk_ids", proxy_topk_ids, device)
-            check_device("proxy_topk_logprobs", proxy_topk_logprobs, device)
-            if proxy_topk_ids.is_floating_point() or proxy_topk_ids.dtype == torch.bool:
-                raise TypeError(f"proxy_topk_ids must be an integer tensor, got {proxy_topk_ids.dtype}")
-            check_floating("proxy_topk_logprobs", proxy_topk_logprobs)
-            if proxy_topk_ids.dim() != len(lead) + 1 or tuple(proxy_topk_ids.shape[:-1]) != lead:
-                raise ValueError(
-                    f"proxy_topk_ids must have shape {list(lead) + ['k']}, got {list(proxy_topk_ids.shape)}"
-                )
-            if tuple(proxy_topk_logprobs.shape) != tuple(proxy_topk_ids.shape):
-                raise ValueError(
-                    f"proxy_topk_logprobs must have the shape of proxy_topk_ids {list(proxy_topk_ids.shape)}, "
-                    f"got {list(proxy_topk_logprobs.shape)}"
-                )
-            k = proxy_topk_ids.shape[-1]
-            if k < 1 or k > vocab:
-                raise ValueError(f"top-k size must be in [1, V={vocab}], got k={k}")
-            ids = proxy_topk_ids.reshape(-1, k).long()
-            if ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
-                raise ValueError(f"proxy_topk_ids must be in [0, {vocab})")
-            lps = proxy_topk_logprobs.detach().reshape(-1, k).float()
-            if bool(torch.isnan(lps).any()) or bool((lps == float("inf")).any()):
-                raise ValueError("proxy_topk_logprobs contains NaN or +inf")
-            batch.topk_ids = ids.contiguous()
-            batch.topk_logprobs = lps.contiguous()
-        batch.row_weight = expand_sample_weight(sample_weight, lead, device)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    temperature = check_temperature(temperature)
+    jsd_beta = float(jsd_beta)
+    if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
+        raise ValueError(
+            f"jsd_beta must be in (0, 1) for divergence='jsd', got {jsd_beta}; "
+            "use divergence='forward_kl' or 'reverse_kl' for the end points"
+        )
+    online = proxy_hidden is not None or proxy_weight is not None
+    offline = proxy_topk_ids is not None or proxy_topk_logprobs is not None
+    if online and offline:
+        raise ValueError(
+            "give either an online proxy (proxy_hidden, proxy_weight) or offline targets "
+            "(proxy_topk_ids, proxy_topk_logprobs), not both"
+        )
+    if not online and not offline:
+        raise ValueError(
+            "a proxy is required: pass proxy_hidden and proxy_weight (online) or "
+            "proxy_topk_ids and proxy_topk_logprobs (offline); use linear_cross_entropy for plain NLL"
+        )
+    proxy = ids = lps = None
+    if online:
+        proxy = _online_proxy(proxy_hidden, proxy_weight, proxy_bias, lead, student.vocab, device)
     else:
-        alpha = 0.0
-        temperature = 1.0
-
-    n_valid = int((flat_labels != ignore_index).sum()) if flat_labels.numel() else 0
-    options = KDOptions(
+        ids, lps = _offline_targets(proxy_topk_ids, proxy_topk_logprobs, divergence, proxy_bias, lead, student.vocab,
+                                    device)
+    batch = KDBatch(student, flat_labels, proxy, ids, lps, expand_sample_weight(sample_weight, lead, device), lead)
+    spec = LossSpec(
         alpha=alpha,
         temperature=temperature,
         divergence=divergence,
+        offline=offline,
         jsd_beta=jsd_beta,
         ignore_index=int(ignore_index),
         reduction=reduction,
-        denominator=resolve_denominator(reduction, num_items_in_batch, n_valid),
+        denominator=resolve_denominator(reduction, num_items_in_batch, _n_valid(flat_labels, ignore_index)),
         chunk_size=chunk_size,
     )
-    return batch, options
+    return batch, spec

@@ -23,34 +23,26 @@ precomputed `ref_logps` must be on the same scale as the policy's (sums, or mean
 `average_log_prob=True`), e.g. from `sequence_log_probs(..., average=...)`. A sequence without
 any completion token has log-prob 0 (sum or mean); NLL over zero chosen tokens is 0.
 
-How it runs (backends "torch", "cuda", "triton", "triton-chunked"; see _token_rows.py): the
-non-ignored tokens are laid out pair by pair and cut into chunks of at most `chunk_size` tokens. Pairs that fit are packed whole into a
-chunk, so their sequence log-probs and hence d loss / d logits are known after the chunk's one
-logits GEMM: logits -> log-softmax -> dlogits in place -> dX, dW GEMMs (fp32 dW accumulator), as
-Liger does per pair, but without the masked prompt/padding tokens. A pair longer than a chunk is
-streamed: a forward-only pass gets its sequence log-probs, then a second pass recomputes each chunk
-with the now-known coefficients. Peak memory is one [chunk_size, V] fp32 buffer plus dW, whatever
-T is (Liger's per-pair chunk holds several [2, T, V] fp32 tensors). The Triton backends run the
-chunk's log-prob and dlogits steps in the row-epilogue kernel. "reference" and "triton-fused"
-(whose logits never exist, not even per chunk) differentiate `linear_log_probs` on the gathered
-tokens instead.
+How it runs: see _preference.py. On backends with per-token steps (torch, cuda, triton,
+triton-chunked) the non-ignored tokens are laid out pair by pair and chunked by tokens, so peak
+memory is one [chunk_size, V] fp32 buffer plus dW whatever T is (Liger's per-pair chunk holds
+several [2, T, V] fp32 tensors); "reference" and "triton-fused" (whose logits never exist, not
+even per chunk) differentiate `linear_log_probs` on the gathered tokens instead.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import _backends
-from ._gemm import accumulate_grad_weight, default_chunk_rows, grad_input_chunk, logits_into, workspace
-from ._token_rows import TokenRows, TorchTokenRows, token_rows_for
+from ._spec import Head
 from ._validation import check_chunk_size, check_device, check_floating, check_labels
-from .sequence import check_sequence_head, output_dtype, token_sums
+from .backends import Backend, resolve
+from .sequence import check_sequence_head, output_dtype
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero")
 SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
@@ -128,139 +120,6 @@ class _Objective:
         out[b + p0 : b + p1] = gr
 
 
-@dataclass
-class _Plan:
-    """Non-ignored tokens laid out pair by pair (chosen row, then rejected row) and their chunks."""
-
-    idx: Tensor  # [M] int64 flat token positions in [2B*T]
-    labels: Tensor  # [M] int64
-    row: Tensor  # [M] int64 sequence row in [0, 2B)
-    counts: Tensor  # [2B] int64 tokens per row
-    chunks: list[tuple[int, int, int, int, bool]]  # (token start, stop, pair start, stop, streamed)
-    rows: int  # tokens per chunk
-    ops: TokenRows = field(default_factory=TorchTokenRows)  # per-chunk log-prob / dlogits epilogue
-
-
-def _plan(flat_labels: Tensor, lead: tuple[int, int], ignore_index: int, rows: int,
-          ops: TokenRows | None = None) -> _Plan:
-    """Order the non-ignored tokens pair-major and cut them into chunks of whole pairs (or stream a long pair)."""
-    n_rows, t = lead
-    b = n_rows // 2
-    valid = (flat_labels != ignore_index).view(n_rows, t)
-    order = torch.arange(n_rows, device=valid.device).view(2, b).t().reshape(-1)  # 0, B, 1, B+1, ...
-    nz = valid.index_select(0, order).nonzero()
-    row = order.index_select(0, nz[:, 0])
-    idx = row * t + nz[:, 1]
-    counts = valid.sum(1)
-    chunks: list[tuple[int, int, int, int, bool]] = []
-    pair_tokens = (counts[:b] + counts[b:]).tolist()
-    tok = start_tok = start_pair = 0
-    for p, n in enumerate(pair_tokens):
-        if n > rows:  # stream this pair in token chunks; flush the packed chunk before it
-            if tok > start_tok:
-                chunks.append((start_tok, tok, start_pair, p, False))
-            chunks.extend((s, min(s + rows, tok + n), p, p + 1, True) for s in range(tok, tok + n, rows))
-            tok += n
-            start_tok, start_pair = tok, p + 1
-            continue
-        if tok + n - start_tok > rows:
-            chunks.append((start_tok, tok, start_pair, p, False))
-            start_tok, start_pair = tok, p
-        tok += n
-    if start_pair < b and tok > start_tok:
-        chunks.append((start_tok, tok, start_pair, b, False))
-    return _Plan(idx, flat_labels.index_select(0, idx), row, counts, chunks, rows, ops or TorchTokenRows())
-
-
-def _fused_pass(
-    flat_hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, obj: _Objective | None,
-    grad_hidden: bool, grad_weight: bool, grad_bias: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Row log-prob sums [2B] (fp64) and, if asked, dX, dW (fp32/fp64), db of the loss, chunk by chunk.
-
-    Without gradients (`obj` may then be None) every chunk is computed once.
-    """
-    device, vocab = flat_hidden.device, weight.shape[0]
-    acc = torch.float64 if torch.float64 in (flat_hidden.dtype, weight.dtype) else torch.float32
-    need_grad = grad_hidden or grad_weight or grad_bias
-    n_rows = plan.counts.shape[0]
-    sums = torch.zeros(n_rows, dtype=torch.float64, device=device)
-    coef = torch.zeros(n_rows, dtype=torch.float64, device=device)
-    d_hidden = torch.zeros_like(flat_hidden) if grad_hidden else None
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=device) if grad_weight else None
-    d_bias = torch.zeros(vocab, dtype=acc, device=device) if grad_bias else None
-    if not plan.chunks:
-        return sums, d_hidden, d_weight, d_bias
-    rows = max(stop - start for start, stop, *_ in plan.chunks)
-    (buf,) = workspace(device, 1, rows, vocab, acc)
-
-    def token_logps(start: int, stop: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Chunk input, labels, rows and token log-probs; leaves the log-softmax in the buffer."""
-        x = flat_hidden.index_select(0, plan.idx[start:stop])
-        y = plan.labels[start:stop]
-        S = logits_into(buf[: stop - start], x, weight, bias)
-        return x, y, plan.row[start:stop], plan.ops.logps(S, y)
-
-    streamed = [c for c in plan.chunks if c[4]]
-    if need_grad:  # forward-only pass over the long pairs: their coefficients need every token first
-        for start, stop, *_ in streamed:
-            _, _, r, lp = token_logps(start, stop)
-            sums.index_add_(0, r, lp.double())
-        for p in sorted({c[2] for c in streamed}):
-            obj.row_coefficients(sums, p, p + 1, coef)
-    for start, stop, p0, p1, is_streamed in plan.chunks:
-        if is_streamed and not need_grad:
-            _, _, r, lp = token_logps(start, stop)
-            sums.index_add_(0, r, lp.double())
-            continue
-        x, y, r, lp = token_logps(start, stop)
-        S = buf[: stop - start]
-        if not is_streamed:
-            sums.index_add_(0, r, lp.double())
-            if not need_grad:
-                continue
-            obj.row_coefficients(sums, p0, p1, coef)
-        # d loss / d logits = c_row * (onehot(y) - softmax(z)), c_row = d loss / d (row sum)
-        c = coef.index_select(0, r).to(acc)
-        plan.ops.dlogits(S, y, c)
-        if d_hidden is not None:
-            d_hidden.index_copy_(0, plan.idx[start:stop], grad_input_chunk(S, weight).to(d_hidden.dtype))
-        if d_weight is not None:
-            accumulate_grad_weight(d_weight, S, x)
-        if d_bias is not None:
-            d_bias += S.sum(0)
-    return sums, d_hidden, d_weight, d_bias
-
-
-def _scaled(t: Tensor | None, g: Tensor, dtype: torch.dtype | None) -> Tensor | None:
-    """A saved gradient times the upstream scalar, cast to its input's dtype."""
-    if t is None:
-        return None
-    if float(g) != 1.0:
-        t = t * g.to(t.dtype)
-    return t if dtype is None else t.to(dtype)
-
-
-class _FusedDPO(torch.autograd.Function):
-    """Loss and row log-prob sums; gradients are computed in the forward and scaled in the backward."""
-
-    @staticmethod
-    def forward(ctx, flat_hidden, weight, bias, plan, obj):  # noqa: ANN001, D102
-        gh, gw, gb = ctx.needs_input_grad[:3]
-        sums, dh, dw, db = _fused_pass(flat_hidden, weight, bias, plan, obj, gh, gw, gb)
-        ctx.save_for_backward(dh, dw, db)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(sums)
-        return obj.total(sums).to(output_dtype(flat_hidden, weight)), sums
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, _grad_sums):  # noqa: ANN001, D102
-        dh, dw, db = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
-        return _scaled(dh, grad_loss, None), _scaled(dw, grad_loss, w_dtype), _scaled(db, grad_loss, b_dtype), None, None
-
-
 def _check_number(name: str, value: float, *, low: float, low_open: bool, high: float = math.inf) -> float:
     """A finite float in the given range, else a ValueError naming the argument."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -305,7 +164,7 @@ def dpo_loss(
     bias: Tensor | None = None,
     ref_bias: Tensor | None = None,
     chunk_size: int | None = None,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO-family loss (+ nll_alpha * chosen NLL) of a linear head, chunked by tokens; returns (loss, metrics).
 
@@ -337,7 +196,7 @@ def dpo_loss(
             f"got loss_type={loss_type!r}; leave it at 0"
         )
     chunk_size = check_chunk_size(chunk_size)
-    impl = _backends.resolve(backend, device)
+    impl = resolve(backend, device, flat, weight)
     weights = None if sample_weight is None else _check_pair_vector("sample_weight", sample_weight, n_pairs, "B", device)
     if weights is not None and bool((weights < 0).any()):
         raise ValueError("sample_weight must be >= 0")
@@ -365,38 +224,19 @@ def dpo_loss(
                 f"vocab mismatch: ref_weight has V={ref_vocab} rows but weight has V={vocab}; "
                 "policy and reference must share one vocabulary"
             )
-    acc_dtype = torch.float64 if torch.float64 in (flat.dtype, weight.dtype) else torch.float32
-    ops = token_rows_for(impl.__name__, acc_dtype)
-    plan = None
-    if ops is not None:
-        rows = chunk_size or default_chunk_rows(device, 1, vocab, max(1, int(counts.sum())))
-        plan = _plan(flat_labels, lead, ignore_index, rows, ops)
+    plan = impl.sequence_plan(flat_labels, lead, ignore_index, chunk_size, int(counts.sum()), vocab)
     if online:
-        ref_b = None if ref_bias is None else ref_bias.detach()
-        with torch.no_grad():
-            if plan is not None:  # same token chunks, forward only
-                ref_sums = _fused_pass(ref_flat.detach(), ref_weight.detach(), ref_b, plan, None, False, False, False)[0]
-            else:
-                ref_sums = token_sums(ref_flat.detach(), ref_weight.detach(), ref_b, flat_labels, lead,
-                                      temperature=1.0, ignore_index=ignore_index, chunk_size=chunk_size,
-                                      backend=backend)[0]
+        ref_head = Head(ref_flat, ref_weight, ref_bias)
+        ref_impl = resolve(backend, device, ref_flat, ref_weight)
+        ref_sums = ref_impl.sequence_sums(ref_head, flat_labels, plan, lead, ignore_index, chunk_size)
         ref = ref_sums / denom
     else:
         ref = _check_pair_vector("ref_logps", ref_logps, n_rows, "2B", device)
 
     n_chosen = int(counts[:n_pairs].sum())
     obj = _Objective(beta, loss_type, label_smoothing, nll_alpha, average, n_pairs, ref, weights, denom, n_chosen)
-    if plan is not None:
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (flat, weight, bias)):
-            loss, sums = _FusedDPO.apply(flat, weight, bias, plan, obj)
-        else:  # no graph: skip the gradient work entirely
-            sums = _fused_pass(flat, weight, bias, plan, obj, False, False, False)[0]
-            loss = obj.total(sums).to(output_dtype(hidden, weight))
-    else:
-        sums, _ = token_sums(flat, weight, bias, flat_labels, lead, temperature=1.0, ignore_index=ignore_index,
-                             chunk_size=chunk_size, backend=backend)
-        loss = obj.total(sums).to(output_dtype(hidden, weight))
-        sums = sums.detach()
+    loss, sums = impl.sequence_loss(Head(flat, weight, bias), flat_labels, plan, lead, ignore_index, chunk_size, obj,
+                                    output_dtype(hidden, weight))
     return loss, _metrics(obj, sums, loss.dtype)
 
 

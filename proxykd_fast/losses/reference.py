@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import KDBatch, KDOptions
+from ._spec import KDBatch, LossSpec
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -22,7 +22,7 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return z if z.dtype == torch.float64 else z.float()
 
 
-def divergence_rows(zs: Tensor, batch: KDBatch, opts: KDOptions) -> Tensor:
+def divergence_rows(zs: Tensor, batch: KDBatch, opts: LossSpec) -> Tensor:
     """T^2 * D(p, q_T) per row from full student logits, following the documented formulas."""
     T = opts.temperature
     log_q = torch.log_softmax(zs / T, dim=-1)
@@ -35,7 +35,7 @@ def divergence_rows(zs: Tensor, batch: KDBatch, opts: KDOptions) -> Tensor:
         d = torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1)
         return T * T * d
     with torch.no_grad():
-        zp = _logits(batch.proxy_hidden, batch.proxy_weight, batch.proxy_bias).to(zs.dtype)
+        zp = _logits(batch.proxy.hidden, batch.proxy.weight, batch.proxy.bias).to(zs.dtype)
         log_p = torch.log_softmax(zp / T, dim=-1)
     if opts.divergence == "forward_kl":
         d = (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -48,9 +48,9 @@ def divergence_rows(zs: Tensor, batch: KDBatch, opts: KDOptions) -> Tensor:
     return T * T * d
 
 
-def reference_kd(batch: KDBatch, opts: KDOptions) -> tuple[Tensor, Tensor, Tensor]:
+def reference_kd(batch: KDBatch, opts: LossSpec) -> tuple[Tensor, Tensor, Tensor]:
     """Loss as the public API defines it; returns (loss, nll_sum, kd_sum)."""
-    zs = _logits(batch.student_hidden, batch.student_weight, batch.student_bias)
+    zs = _logits(batch.student.hidden, batch.student.weight, batch.student.bias)
     valid = batch.labels != opts.ignore_index
     y = torch.where(valid, batch.labels, torch.zeros_like(batch.labels))
     nll = -torch.log_softmax(zs, dim=-1).gather(1, y[:, None]).squeeze(1)

@@ -2,8 +2,8 @@
 
 Preference losses (DPO and friends) and Proxy-KD's sample weights need log p(answer | prompt)
 per sequence: the sum (or mean) of the token log-probs over the completion. The helpers here
-validate [rows, T, H] inputs, gather the non-ignored tokens (prompts and padding cost no GEMM)
-and reduce per row, on top of `linear_log_probs` so every backend is available.
+validate [rows, T, H] inputs; the backend gathers the non-ignored tokens (prompts and padding
+cost no GEMM) and reduces per row.
 """
 
 from __future__ import annotations
@@ -11,8 +11,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validation import check_bias, check_device, check_floating, check_labels, check_weight
-from .functional import linear_log_probs
+from ._spec import Head
+from ._validation import (
+    check_bias,
+    check_chunk_size,
+    check_device,
+    check_floating,
+    check_labels,
+    check_temperature,
+    check_weight,
+)
+from .backends import Backend, resolve, token_sums
 
 
 def check_sequence_head(
@@ -38,28 +47,6 @@ def output_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def token_sums(
-    flat_hidden: Tensor, weight: Tensor, bias: Tensor | None, flat_labels: Tensor, lead: tuple[int, int], *,
-    temperature: float, ignore_index: int, chunk_size: int | None, backend: str,
-) -> tuple[Tensor, Tensor]:
-    """(per-row sum of token log-probs in fp64, per-row count of non-ignored tokens); differentiable.
-
-    Only the non-ignored tokens are gathered and sent through `linear_log_probs`.
-    """
-    rows, t = lead
-    idx = (flat_labels != ignore_index).nonzero().view(-1)
-    row_of = torch.div(idx, t, rounding_mode="floor") if t else idx
-    every = idx.numel() == flat_labels.numel()  # nothing to skip: no gathered copy
-    lp = linear_log_probs(
-        flat_hidden if every else flat_hidden.index_select(0, idx), weight,
-        flat_labels if every else flat_labels.index_select(0, idx), bias=bias,
-        temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size, backend=backend,
-    )
-    sums = torch.zeros(rows, dtype=torch.float64, device=flat_hidden.device).index_add(0, row_of, lp.double())
-    counts = torch.bincount(row_of, minlength=rows)
-    return sums, counts
-
-
 def sequence_log_probs(
     hidden: Tensor,
     weight: Tensor,
@@ -70,7 +57,7 @@ def sequence_log_probs(
     ignore_index: int = -100,
     average: bool = False,
     chunk_size: int | None = None,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
 ) -> Tensor:
     """log p(completion) per row: sum (or mean, `average=True`) of token log-probs over non-ignored labels.
 
@@ -81,8 +68,11 @@ def sequence_log_probs(
     flat, lead, vocab = check_sequence_head("hidden", hidden, "weight", weight, "bias", bias)
     check_device("labels", labels, flat.device)
     flat_labels = check_labels(labels, lead, vocab, ignore_index)
-    sums, counts = token_sums(flat, weight, bias, flat_labels, lead, temperature=temperature,
-                              ignore_index=int(ignore_index), chunk_size=chunk_size, backend=backend)
+    temperature = check_temperature(temperature)
+    chunk_size = check_chunk_size(chunk_size)
+    impl = resolve(backend, flat.device, flat, weight)
+    sums, counts = token_sums(impl, Head(flat, weight, bias), flat_labels, lead, temperature, int(ignore_index),
+                              chunk_size)
     if average:
         sums = sums / counts.clamp_min(1).to(sums.dtype)
     return sums.to(output_dtype(hidden, weight))

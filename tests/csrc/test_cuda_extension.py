@@ -46,12 +46,25 @@ def test_extension_builds_for_sm80_and_sm90a_and_imports(built_extension) -> Non
 def test_kernel_call_fails_cleanly_without_gpu(built_extension) -> None:
     if built_extension.device_count() > 0:
         pytest.skip("a GPU is present")
+    args = built_extension.EpilogueArgs()
+    args.S = args.labels = args.c_nll = args.nll = 1  # never dereferenced: the launch fails first
+    args.C, args.V, args.ldS = 4, 8, 8
     with pytest.raises(RuntimeError, match="kd_epilogue"):
-        built_extension.kd_epilogue(0, 0, 0, 0, 0, 0, 0, 4, 8, 8, 8, 1.0, True, 0)
+        built_extension.kd_epilogue(args, 0)
+
+
+@pytest.mark.slow
+def test_null_pointers_are_refused_by_name(built_extension) -> None:
+    args = built_extension.EpilogueArgs()
+    with pytest.raises(ValueError, match="null S"):
+        built_extension.kd_epilogue(args, 0)
+    args.S = args.labels = args.c_nll = args.nll = args.P = 1
+    with pytest.raises(ValueError, match="c_kd"):
+        built_extension.kd_epilogue(args, 0)
 
 
 def test_backend_reports_why_it_is_unavailable() -> None:
-    from proxykd_fast.losses._backend_cuda import unavailable_reason
+    from proxykd_fast.losses._epilogue_cuda import unavailable_reason
 
     if torch.cuda.is_available():
         pytest.skip("GPU machine")

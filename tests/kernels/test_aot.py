@@ -61,8 +61,8 @@ def _specs() -> list[tuple[str, object, dict, dict, dict]]:
     from proxykd_fast.kernels.linear_grad import linear_grad_kernel
     from proxykd_fast.kernels.linear_lse import linear_lse_kernel
     from proxykd_fast.kernels.linear_topk import linear_topk_kernel
-    from proxykd_fast.losses._backend_triton_fused import _GPU_CONFIGS
-    from proxykd_fast.losses._epilogue_triton import epilogue_block
+    from proxykd_fast.ops.configs import GPU_CONFIGS as _GPU_CONFIGS
+    from proxykd_fast.ops.configs import epilogue_block
 
     specs = []
     block, warps = epilogue_block(128256)

@@ -1,4 +1,4 @@
-"""The Triton chunk epilogue honours `torch_epilogue`'s contract, checked against it in fp64.
+"""The Triton row epilogue honours the torch epilogue's contract (RowEpilogue), checked against it in fp64.
 
 Same arguments, (nll, kd * T^2) per row and dlogits left in S, for plain CE, every online
 divergence, offline top-k, T in {0.5, 1, 2}, ignored rows (zero coefficients), extreme logits
@@ -10,10 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proxykd_fast.losses._epilogue_torch import torch_epilogue
-from proxykd_fast.losses._epilogue_triton import triton_epilogue
-from proxykd_fast.losses._validation import KDOptions
+from proxykd_fast.losses._epilogue_torch import TorchEpilogue
+from proxykd_fast.losses._epilogue_triton import TritonEpilogue
+from proxykd_fast.losses._spec import EpilogueArgs, LossSpec
+from proxykd_fast.ops.configs import epilogue_block
 from tests.support.triton_env import DEVICE
+
+torch_epilogue, triton_epilogue = TorchEpilogue(), TritonEpilogue()
 
 C, V, K = 9, 509, 6
 
@@ -39,14 +42,14 @@ def _chunk(mode: str, scale: float, seed: int = 0) -> dict:
     return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
 
 
-def _run(epilogue, d: dict, opts: KDOptions, dtype: torch.dtype, need_grad: bool):  # noqa: ANN001, ANN202
+def _run(epilogue, d: dict, opts: LossSpec, dtype: torch.dtype, need_grad: bool):  # noqa: ANN001, ANN202
     """Run one epilogue on copies of the chunk in `dtype`; return (nll, kd, dlogits)."""
     S = d["S"].to(dtype).clone()
     P = None if d["P"] is None else d["P"].to(dtype).clone()
     R = torch.empty_like(S)
     lps = None if d["lps"] is None else d["lps"].to(dtype)
-    nll, kd = epilogue(S, P, R, d["ids"], lps, d["labels"], d["c_nll"].to(dtype), d["c_kd"].to(dtype), opts,
-                       need_grad)
+    args = EpilogueArgs(S, P, R, d["labels"], d["ids"], lps, d["c_nll"].to(dtype), d["c_kd"].to(dtype), need_grad)
+    nll, kd = epilogue(args, opts)
     return nll, kd, S
 
 
@@ -65,7 +68,7 @@ def test_epilogue_matches_torch(mode: str, temperature: float) -> None:
     """nll, kd and dlogits equal the torch epilogue's (fp64) for every loss and temperature."""
     d = _chunk(mode, scale=3.0)
     divergence = None if mode == "ce" else ("forward_kl" if mode == "offline" else mode)
-    opts = KDOptions(alpha=0.7, temperature=temperature, divergence=divergence, jsd_beta=0.3)
+    opts = LossSpec(alpha=0.7, temperature=temperature, divergence=divergence, jsd_beta=0.3, offline=mode == "offline")
     for need_grad in (False, True):
         nll, kd, S = _run(triton_epilogue, d, opts, torch.float32, need_grad)
         r_nll, r_kd, r_S = _run(torch_epilogue, d, opts, torch.float64, need_grad)
@@ -88,7 +91,8 @@ def test_epilogue_matches_torch(mode: str, temperature: float) -> None:
 def test_epilogue_extreme_logits(mode: str) -> None:
     """|z| ~ 1e4 (near one-hot softmaxes) stays finite and matches fp64 at T = 0.5."""
     d = _chunk(mode, scale=1e4, seed=1)
-    opts = KDOptions(alpha=0.7, temperature=0.5, divergence="forward_kl" if mode == "offline" else mode, jsd_beta=0.5)
+    opts = LossSpec(alpha=0.7, temperature=0.5, divergence="forward_kl" if mode == "offline" else mode, jsd_beta=0.5,
+                     offline=mode == "offline")
     nll, kd, S = _run(triton_epilogue, d, opts, torch.float32, True)
     r_nll, r_kd, r_S = _run(torch_epilogue, d, opts, torch.float64, True)
     assert torch.isfinite(nll).all() and torch.isfinite(kd).all() and torch.isfinite(S).all()
@@ -101,29 +105,25 @@ def test_epilogue_extreme_logits(mode: str) -> None:
 def test_label_logit_at_block_edges(mode: str) -> None:
     """Labels on the first / last column of a vocab block and of the masked tail: the label logit is
     read before dlogits overwrite S in place (the GPU ordering itself is checked by the AOT race test)."""
-    from proxykd_fast.losses._epilogue_triton import epilogue_block, scaled_ce_epilogue
-
     block = epilogue_block(V)[0]
     d = _chunk("ce" if mode == "tempered" else mode, scale=3.0, seed=4)
     d["labels"] = torch.tensor([0, block - 1, block, V - 1, 1, 0, block + 1, V - 2, 7], device=DEVICE)
     T = 0.5
     divergence = None if mode in ("ce", "tempered") else "forward_kl"
-    opts = KDOptions(alpha=0.7, temperature=T if divergence else 1.0, divergence=divergence)
-    epilogue = scaled_ce_epilogue(1.0 / T) if mode == "tempered" else triton_epilogue
-    nll, _, S = _run(epilogue, d, opts, torch.float32, True)
+    opts = LossSpec(alpha=0.7, temperature=T if divergence else 1.0, divergence=divergence, offline=mode == "offline",
+                     logit_scale=1.0 / T if mode == "tempered" else 1.0)
+    nll, _, S = _run(triton_epilogue, d, opts, torch.float32, True)
     z = d["S"].double() / (T if mode == "tempered" else 1.0)
     _close(nll, -torch.log_softmax(z, 1).gather(1, d["labels"][:, None]).squeeze(1))
-    if mode != "tempered":
-        _close(S, _run(torch_epilogue, d, opts, torch.float64, True)[2])
+    _close(S, _run(torch_epilogue, d, opts, torch.float64, True)[2])
 
 
-def test_scaled_ce_epilogue_is_tempered_log_prob() -> None:
-    """The log-prob epilogue: nll = -log softmax(z/T)[y], dlogits = c (q_T - onehot) / T."""
-    from proxykd_fast.losses._epilogue_triton import scaled_ce_epilogue
-
+@pytest.mark.parametrize("epilogue", [triton_epilogue, torch_epilogue], ids=["triton", "torch"])
+def test_scaled_ce_epilogue_is_tempered_log_prob(epilogue) -> None:  # noqa: ANN001
+    """CE on scaled logits (logit_scale = 1/T): nll = -log softmax(z/T)[y], dlogits = c (q_T - onehot) / T."""
     d = _chunk("ce", scale=3.0)
     T = 0.5
-    nll, kd, S = _run(scaled_ce_epilogue(1.0 / T), d, KDOptions(), torch.float32, True)
+    nll, kd, S = _run(epilogue, d, LossSpec(logit_scale=1.0 / T), torch.float32, True)
     z = d["S"].double()
     log_q = torch.log_softmax(z / T, 1)
     _close(nll, -log_q.gather(1, d["labels"][:, None]).squeeze(1))
@@ -135,10 +135,10 @@ def test_scaled_ce_epilogue_is_tempered_log_prob() -> None:
 def test_epilogue_reads_low_precision_proxy_logits() -> None:
     """P may be a bf16 buffer (half the proxy scratch): same result as its fp32 upcast."""
     d = _chunk("jsd", scale=3.0)
-    opts = KDOptions(alpha=0.7, temperature=2.0, divergence="jsd", jsd_beta=0.3)
+    opts = LossSpec(alpha=0.7, temperature=2.0, divergence="jsd", jsd_beta=0.3)
     d["P"] = d["P"].to(torch.bfloat16)
     S = d["S"].clone()
-    nll, kd = triton_epilogue(S, d["P"], None, None, None, d["labels"], d["c_nll"], d["c_kd"], opts, True)
+    nll, kd = triton_epilogue(EpilogueArgs(S, d["P"], None, d["labels"], None, None, d["c_nll"], d["c_kd"], True), opts)
     r_nll, r_kd, r_S = _run(torch_epilogue, d, opts, torch.float64, True)
     _close(nll, r_nll)
     _close(kd, r_kd)

@@ -1,7 +1,7 @@
 """Each tile-fused kernel alone against an fp64 torch reference (the backend tests cover them end to end).
 
 linear_lse (row log-sum-exp at one or two scales), gather_logits (logits at given columns) and
-linear_grad (recomputed tiles -> dX, dW, db), through their launchers in _backend_triton_fused,
+linear_grad (recomputed tiles -> dX, dW, db), through their launchers in proxykd_fast.ops,
 at odd and even hidden sizes (H=23 masks the K loads, H=32 takes the EVEN_K path real shapes
 take), with a bias and with a bias that is -inf over whole vocab tiles. On CPU the kernels run in
 the Triton interpreter.
@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proxykd_fast.losses import _backend_triton_fused as fused
+from proxykd_fast.ops.gather_logits import gather_logits
+from proxykd_fast.ops.linear_grad import GradTerms, tile_grad
+from proxykd_fast.ops.linear_lse import row_lse
 from tests.support.triton_env import DEVICE
 
 N, V = 37, 509
@@ -49,11 +51,11 @@ def _close(got: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> None:
 def test_linear_lse(h: int, bias: str) -> None:
     """Row log-sum-exp of s1*z and s2*z over several vocab splits and tiles, -inf tiles included."""
     x, w, b = _head(h, bias)
-    lse1, lse2 = fused.row_lse(x, w, b, 1.0, 0.5)
+    lse1, lse2 = row_lse(x, w, b, 1.0, 0.5)
     z = _logits64(x, w, b)
     _close(lse1, torch.logsumexp(z, 1))
     _close(lse2, torch.logsumexp(0.5 * z, 1))
-    only, none = fused.row_lse(x, w, b, 2.0, None)
+    only, none = row_lse(x, w, b, 2.0, None)
     assert none is None
     _close(only, torch.logsumexp(2.0 * z, 1))
 
@@ -62,7 +64,7 @@ def test_linear_lse(h: int, bias: str) -> None:
 def test_linear_lse_bf16(h: int) -> None:
     """bf16 operands (upcast for tl.dot under the interpreter) accumulate in fp32."""
     x, w, b = (t.bfloat16() for t in _head(h))
-    _close(fused.row_lse(x, w, b, 1.0, None)[0], torch.logsumexp(_logits64(x, w, b), 1))
+    _close(row_lse(x, w, b, 1.0, None)[0], torch.logsumexp(_logits64(x, w, b), 1))
 
 
 @pytest.mark.parametrize("h", HIDDEN)
@@ -76,7 +78,7 @@ def test_gather_logits(h: int) -> None:
     cols = cols.to(DEVICE)
     for bias in (b, None):
         z = _logits64(x, w, bias)
-        _close(fused.gather_logits(x, w, bias, cols), z.gather(1, cols.cpu()))
+        _close(gather_logits(x, w, bias, cols), z.gather(1, cols.cpu()))
 
 
 @pytest.mark.parametrize("h", HIDDEN)
@@ -101,12 +103,11 @@ def test_linear_grad(h: int, two: bool) -> None:
     lse1 = torch.logsumexp(s1 * z, 1).float().to(DEVICE)
     dev = {"coef_a": coef_a.to(DEVICE), "coef_b": None if coef_b is None else coef_b.to(DEVICE),
            "sp_cols": sp_cols.to(DEVICE), "sp_coef": sp_coef.to(DEVICE)}
-    dx, dw, db = fused.tile_grad(x, w, b, lse1, lse2, dev["coef_a"], dev["coef_b"], dev["sp_cols"], dev["sp_coef"],
-                                 s1, s2, (True, True, True))
+    terms = GradTerms(lse1, dev["coef_a"], dev["sp_cols"], dev["sp_coef"], s1, lse2, dev["coef_b"], s2)
+    dx, dw, db = tile_grad(x, w, b, terms, (True, True, True))
     _close(dx, dz @ w.double().cpu())
     _close(dw, dz.T @ x.double().cpu())
     _close(db, dz.sum(0))
-    dx, dw, db = fused.tile_grad(x, w, b, lse1, lse2, dev["coef_a"], dev["coef_b"], dev["sp_cols"], dev["sp_coef"],
-                                 s1, s2, (False, True, False))
+    dx, dw, db = tile_grad(x, w, b, terms, (False, True, False))
     assert dx is None and db is None
     _close(dw, dz.T @ x.double().cpu())

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from proxykd_fast.losses import available_backends, dpo_loss, sequence_log_probs
-from proxykd_fast.losses.dpo import _plan
+from proxykd_fast.losses._preference import plan_pairs
 from tests.support.loss_cases import max_rel_err
 
 LOSS_TYPES = ["sigmoid", "ipo", "hinge", "robust", "apo_zero"]
@@ -242,14 +242,19 @@ def test_plan_packs_whole_pairs_and_streams_long_ones() -> None:
     y = torch.zeros(2 * B, T, dtype=torch.long)
     y[:, :2] = -100  # 8 tokens per row, 16 per pair
     y[1, :] = -100  # pair 1 has 8 tokens
-    plan = _plan(y.view(-1), (2 * B, T), -100, 20)
-    assert plan.chunks == [(0, 16, 0, 1, False), (16, 24, 1, 2, False), (24, 40, 2, 3, False),
+
+    def spans(plan) -> list[tuple]:  # noqa: ANN001
+        return [(c.start, c.stop, *c.meta) for c in plan.chunks]
+
+    plan = plan_pairs(y.view(-1), (2 * B, T), -100, 20)
+    assert spans(plan) == [(0, 16, 0, 1, False), (16, 24, 1, 2, False), (24, 40, 2, 3, False),
                            (40, 56, 3, 4, False)]
-    plan = _plan(y.view(-1), (2 * B, T), -100, 26)
-    assert plan.chunks == [(0, 24, 0, 2, False), (24, 40, 2, 3, False), (40, 56, 3, 4, False)]
-    plan = _plan(y.view(-1), (2 * B, T), -100, 10)
-    assert plan.chunks[:3] == [(0, 10, 0, 1, True), (10, 16, 0, 1, True), (16, 24, 1, 2, False)]
-    assert all(stop - start <= 10 for start, stop, *_ in plan.chunks)
+    plan = plan_pairs(y.view(-1), (2 * B, T), -100, 26)
+    assert spans(plan) == [(0, 24, 0, 2, False), (24, 40, 2, 3, False), (40, 56, 3, 4, False)]
+    plan = plan_pairs(y.view(-1), (2 * B, T), -100, 10)
+    assert spans(plan)[:3] == [(0, 10, 0, 1, True), (10, 16, 0, 1, True), (16, 24, 1, 2, False)]
+    assert all(c.stop - c.start <= 10 for c in plan.chunks)
+    assert all(torch.equal(c.rows, plan.idx[c.start : c.stop]) for c in plan.chunks)
     # pair-major order: chosen row then rejected row of each pair
     assert plan.row[:16].tolist() == [0] * 8 + [4] * 8
 
@@ -357,10 +362,10 @@ def test_triton_backends_use_their_token_epilogue(backend: str) -> None:
     """The chunked Triton strategies run the row-epilogue kernel; the tile-fused one has no logits chunk."""
     if backend == "none":
         pytest.skip("Triton interpreter not available")
-    from proxykd_fast.losses import _backends
-    from proxykd_fast.losses._token_rows import TritonTokenRows, token_rows_for
+    from proxykd_fast.losses._epilogue_triton import TritonTokenRows
+    from proxykd_fast.losses.backends import resolve
 
-    ops = token_rows_for(_backends.resolve(backend, torch.device("cpu")).__name__, torch.float32)
+    ops = resolve(backend, torch.device("cpu")).token_rows
     assert isinstance(ops, TritonTokenRows) if backend != "triton-fused" else ops is None
 
 

@@ -144,11 +144,11 @@ def test_return_components_and_alpha_zero_equals_cross_entropy() -> None:
 
 def test_no_grad_mode_skips_the_gradient_gemms(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under torch.no_grad (evaluation) the chunked backend does the forward GEMMs only."""
-    from proxykd_fast.losses import chunked
+    from proxykd_fast.losses import _engine
 
     calls = []
-    monkeypatch.setattr(chunked, "grad_input_chunk", lambda *a: calls.append("dx") or torch.zeros(1))
-    monkeypatch.setattr(chunked, "accumulate_grad_weight", lambda *a: calls.append("dw"))
+    monkeypatch.setattr(_engine, "grad_input_chunk", lambda *a: calls.append("dx") or torch.zeros(1))
+    monkeypatch.setattr(_engine, "accumulate_grad_weight", lambda *a: calls.append("dw"))
     p = make_problem(n=10, seed=9)
     ws = p.ws.clone().requires_grad_()
     with torch.no_grad():
@@ -156,19 +156,35 @@ def test_no_grad_mode_skips_the_gradient_gemms(monkeypatch: pytest.MonkeyPatch) 
     assert calls == []
 
 
-def test_ignored_rows_cost_no_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prompt and padding rows are skipped by the chunk driver: logits are computed for valid rows only."""
-    from proxykd_fast.losses import chunked
+@pytest.mark.parametrize("entry", ["kd", "ce", "log_probs", "log_probs_backward", "dpo"])
+def test_ignored_rows_cost_no_gemm(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
+    """Prompt and padding rows are skipped by the chunk engine for every entry point: logits are
+    computed for valid rows only (log-probs used to pay GEMMs for them)."""
+    from proxykd_fast.losses import _engine, dpo_loss, linear_log_probs
 
     seen = []
-    real = chunked.logits_into
+    real = _engine.logits_into
 
     def counting(out: torch.Tensor, x: torch.Tensor, *rest: object) -> torch.Tensor:
         seen.append(x.shape[0])
         return real(out, x, *rest)
 
-    monkeypatch.setattr(chunked, "logits_into", counting)
+    monkeypatch.setattr(_engine, "logits_into", counting)
     p = make_problem(n=40, seed=10, ignore_every=2)
     n_valid = int((p.labels != -100).sum())
-    run_kd(p, "torch", alpha=1.0, chunk_size=7)
-    assert sum(seen) == 2 * n_valid  # student and proxy GEMMs, valid rows only
+    if entry == "kd":
+        run_kd(p, "torch", alpha=1.0, chunk_size=7)
+        assert sum(seen) == 2 * n_valid  # student and proxy GEMMs, valid rows only
+    elif entry == "ce":
+        run_ce(p, "torch", chunk_size=7)
+        assert sum(seen) == n_valid
+    elif entry.startswith("log_probs"):
+        hs = p.hs.clone().requires_grad_(entry.endswith("backward"))
+        out = linear_log_probs(hs, p.ws, p.labels, chunk_size=7, backend="torch")
+        if hs.requires_grad:
+            out.sum().backward()  # the backward recomputes the valid rows only, too
+        assert sum(seen) == n_valid * (2 if hs.requires_grad else 1)
+    else:
+        hs = p.hs.view(4, 10, -1).clone().requires_grad_()
+        dpo_loss(hs, p.ws, p.labels.view(4, 10), ref_logps=torch.zeros(4), chunk_size=20, backend="torch")[0].backward()
+        assert sum(seen) == n_valid

@@ -9,11 +9,15 @@ the Triton interpreter.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import proxykd_fast.losses as L
-from proxykd_fast.losses import _backend_triton_fused as fused
+from proxykd_fast.losses._tile_fused import TileFusedOptions
+from proxykd_fast.losses.backends import resolve
+from proxykd_fast.ops.configs import TileConfig
 from tests.support.triton_env import DEVICE
 
 N, H, HP, V, K = 37, 23, 31, 509, 6
@@ -201,23 +205,30 @@ def test_topk(k: int, temperature: float) -> None:
     assert (ids.cpu() == ref_ids).float().mean() > 0.99  # fp32 vs fp64 may swap near-ties
 
 
-def test_topk_bitonic_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fused_with(**options) -> L.Backend:
+    """The triton-fused backend with other tile-fused kernel options (a Backend object, not a name)."""
+    base = resolve("triton-fused", torch.device(DEVICE))
+    return dataclasses.replace(base, tile_fused=dataclasses.replace(base.tile_fused, options=TileFusedOptions(**options)))
+
+
+TINY_TOPK = TileConfig(16, 16, 16, 1, 1)
+
+
+def test_topk_bitonic_merge() -> None:
     """The GPU merge (tl.topk on packed int64 keys) agrees with the reference on tiny tiles."""
-    monkeypatch.setattr(fused, "TOPK_BITONIC", True)
-    monkeypatch.setitem(fused._INTERPRETER_CONFIGS, "topk", fused.TileConfig(16, 16, 16, 1, 1))
     x = _inputs()
     hidden, weight = x["hidden"][:20], x["weight"][:100]
     ref_ids, ref_lp = L.linear_topk(hidden.double(), weight.double(), 3, backend="reference")
-    ids, lp = L.linear_topk(hidden.to(DEVICE), weight.to(DEVICE), 3, backend="triton-fused")
+    ids, lp = L.linear_topk(hidden.to(DEVICE), weight.to(DEVICE), 3,
+                            backend=_fused_with(topk_bitonic=True, topk_config=TINY_TOPK))
     torch.testing.assert_close(lp.cpu().double(), ref_lp.double(), rtol=1e-5, atol=1e-5)
     assert torch.equal(ids.cpu(), ref_ids)
 
 
-def test_tile_skip_option(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tile_skip_option() -> None:
     """Tile skipping is off by default (exact); a tiny threshold keeps the gradients within it."""
-    assert fused.TILE_GRAD_SKIP_EPS == 0.0
-    monkeypatch.setattr(fused, "TILE_GRAD_SKIP_EPS", 1e-12)
-    _compare(_ce(), _inputs(), "triton-fused")
+    assert resolve("triton-fused", torch.device(DEVICE)).tile_fused.options.grad_skip_eps == 0.0
+    _compare(_ce(), _inputs(), _fused_with(grad_skip_eps=1e-12))
 
 
 def test_backend_names() -> None:
@@ -227,20 +238,19 @@ def test_backend_names() -> None:
 
 
 @pytest.mark.parametrize("bitonic", [False, True])
-def test_topk_mostly_masked_bias(monkeypatch: pytest.MonkeyPatch, bitonic: bool) -> None:
+def test_topk_mostly_masked_bias(bitonic: bool) -> None:
     """Fewer finite logits than k (a -inf bias): every id is a real column, the -inf ones tie at log-prob -inf.
 
     Tiny tiles make whole tiles -inf, a masked vocab tail and a last split narrower than k.
     """
-    monkeypatch.setattr(fused, "TOPK_BITONIC", bitonic)
-    monkeypatch.setitem(fused._INTERPRETER_CONFIGS, "topk", fused.TileConfig(16, 16, 16, 1, 1))
     x = _inputs()
     n, v, k, finite = 16, 36, 16, [3, 20, 35]
     hidden, weight = x["hidden"][:n], x["weight"][:v]
     bias = torch.full((v,), -float("inf"))
     bias[finite] = x["bias"][finite]
     ref_ids, ref_lp = L.linear_topk(hidden.double(), weight.double(), k, bias=bias.double(), backend="reference")
-    ids, lp = L.linear_topk(hidden.to(DEVICE), weight.to(DEVICE), k, bias=bias.to(DEVICE), backend="triton-fused")
+    ids, lp = L.linear_topk(hidden.to(DEVICE), weight.to(DEVICE), k, bias=bias.to(DEVICE),
+                            backend=_fused_with(topk_bitonic=bitonic, topk_config=TINY_TOPK))
     ids, lp = ids.cpu(), lp.cpu()
     assert bool(((ids >= 0) & (ids < v)).all()), f"ids outside [0, {v}): {ids[(ids < 0) | (ids >= v)].tolist()}"
     assert all(len(set(row.tolist())) == k for row in ids), "repeated ids in a row"

@@ -1,0 +1,114 @@
+"""The one chunk loop of every chunked loss: plan -> per-chunk GEMMs -> epilogue -> gradient GEMMs.
+
+A plan is a list of `Chunk`s, each naming the hidden rows it holds (a slice, or gathered rows so
+that prompt and padding tokens cost no GEMM). Per chunk the engine writes the student's (and an
+online proxy's) logits into fp32 (fp64 for fp64 inputs) workspace buffers, hands them to the
+caller's `ChunkEpilogue`, and, when the epilogue left d loss / d logits in S, adds the chunk's
+dX rows and its share of the fp32 dW and db. CE, KD, log-probs, top-k and DPO differ only in the
+plan and the epilogue they pass in (see _rows.py and _preference.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ._gemm import accumulate_grad_weight, grad_input_chunk, grad_operand, logits_into, workspace
+from ._spec import Head
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Positions [start, stop) of a plan, held by hidden rows `rows` (None: rows start..stop)."""
+
+    start: int
+    stop: int
+    rows: Tensor | None = None
+    meta: Any = None  # the plan's own per-chunk data (DPO: its pair range and whether it is streamed)
+
+    def take(self, t: Tensor) -> Tensor:
+        """This chunk's rows of a per-row tensor: a slice, or the gathered rows."""
+        return t[self.start : self.stop] if self.rows is None else t.index_select(0, self.rows)
+
+
+def kept_rows(keep: Tensor) -> Tensor | None:
+    """Indices of the rows to compute (where `keep`), or None when every row is kept."""
+    if not keep.numel():
+        return None
+    order = keep.nonzero().view(-1)
+    return None if order.numel() == keep.numel() else order
+
+
+def row_chunks(n: int, rows_per_chunk: int, order: Tensor | None = None) -> list[Chunk]:
+    """Chunks of at most `rows_per_chunk` rows over rows 0..n-1, or over the rows listed in `order`."""
+    m = n if order is None else order.numel()
+    step = max(1, min(rows_per_chunk, m))
+    return [Chunk(s, min(s + step, m), None if order is None else order[s : s + step]) for s in range(0, m, step)]
+
+
+class ChunkEpilogue(Protocol):
+    """Turns one chunk's logits into the caller's outputs; returns True when S now holds dlogits."""
+
+    def __call__(self, chunk: Chunk, S: Tensor, P: Tensor | None, R: Tensor | None) -> bool: ...
+
+
+@dataclass
+class Gradients:
+    """dX (the hidden's dtype), dW and db (fp32, or fp64) accumulated over a pass; None if not asked."""
+
+    hidden: Tensor | None = None
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+
+
+def run(
+    chunks: list[Chunk],
+    student: Head,
+    epilogue: ChunkEpilogue,
+    *,
+    acc_dtype: torch.dtype,
+    nbuf: int = 1,
+    proxy: Head | None = None,
+    grad_hidden: bool = False,
+    grad_weight: bool = False,
+    grad_bias: bool = False,
+) -> Gradients:
+    """One pass over `chunks` with `nbuf` [rows, V] buffers: S (student), then P (proxy), then R (scratch)."""
+    hs, ws, bs = student.hidden, student.weight, student.bias
+    device, vocab = hs.device, ws.shape[0]
+    out = Gradients()
+    if grad_hidden:
+        dense = all(c.rows is None for c in chunks) and sum(c.stop - c.start for c in chunks) == hs.shape[0]
+        out.hidden = torch.empty_like(hs) if dense else torch.zeros_like(hs)
+    if grad_weight:
+        out.weight = torch.zeros(ws.shape, device=device, dtype=acc_dtype)
+    if grad_bias:
+        out.bias = torch.zeros(vocab, device=device, dtype=acc_dtype)
+    if not chunks:
+        return out
+    bufs = workspace(device, nbuf, max(c.stop - c.start for c in chunks), vocab, acc_dtype)
+    with_proxy = proxy is not None and nbuf >= 2
+    with_scratch = nbuf > (2 if proxy is not None else 1)
+    for chunk in chunks:
+        c = chunk.stop - chunk.start
+        x = chunk.take(hs)
+        S = logits_into(bufs[0][:c], x, ws, bs)
+        P = logits_into(bufs[1][:c], chunk.take(proxy.hidden), proxy.weight, proxy.bias) if with_proxy else None
+        R = bufs[-1][:c] if with_scratch else None
+        if not epilogue(chunk, S, P, R) or not (grad_hidden or grad_weight or grad_bias):
+            continue
+        G = grad_operand(S, ws)
+        if out.hidden is not None:
+            dx = grad_input_chunk(G, ws)
+            if chunk.rows is None:
+                out.hidden[chunk.start : chunk.stop] = dx
+            else:
+                out.hidden.index_copy_(0, chunk.rows, dx.to(out.hidden.dtype))
+        if out.weight is not None:
+            accumulate_grad_weight(out.weight, S, x, G)
+        if out.bias is not None:
+            out.bias += S.sum(0)
+    return out
