@@ -56,10 +56,13 @@ def plan(preset: Preset, losses: list[str], variants: list[str] | None, dtypes: 
     from .variants import variants_for
 
     cases = []
-    for shape in preset.shapes()[:1] if main_only else preset.shapes():
+    shapes = preset.shapes()
+    for shape in shapes[:1] if main_only else shapes:
         for loss in losses:
             for dtype in dtypes:
                 for variant in variants_for(loss):
+                    if shape != shapes[0] and variant in preset.main_only:
+                        continue
                     if variants is None or variant in variants:
                         cases.append(Case(loss, variant, dtype, shape.n, shape.h, shape.v))
     return cases
@@ -112,17 +115,19 @@ def run_case(case: Case, args: argparse.Namespace, cases_dir: Path, repeats: int
         record = {"case": case.to_dict(), "id": case.id, "status": "error",
                   "reason": f"case process ended ({code}) without a record: {tail}"}
         out.write_text(json.dumps(record, indent=1))
-    record["wall_s"] = time.perf_counter() - t0
+    record["wall_s"] = time.perf_counter() - t0  # process start, imports, parity, warm-up, timed steps
+    out.write_text(json.dumps(record, indent=1))
     return record
 
 
 def merge(run_dir: Path, cases: list[Case], meta: dict) -> dict:
     """pytest-benchmark JSON of all timed cases + the suite block of every case (in plan order)."""
     merged: dict = {"benchmarks": []}
-    records = []
+    records, not_run = [], []
     for case in cases:
         rec_path = run_dir / "cases" / f"{case.id}.json"
         if not rec_path.exists():
+            not_run.append(case.id)
             continue
         records.append(json.loads(rec_path.read_text()))
         bench_path = run_dir / "cases" / f"{case.id}.bench.json"
@@ -139,7 +144,7 @@ def merge(run_dir: Path, cases: list[Case], meta: dict) -> dict:
         merged["machine_info"] = {"proxykd": machine_tags(resolve_device(meta["device"])),
                                   "libraries": library_versions()}
     merged["datetime"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-    merged["suite"] = {**meta, "cases": records}
+    merged["suite"] = {**meta, "planned": len(cases), "not_run": not_run, "cases": records}
     return merged
 
 

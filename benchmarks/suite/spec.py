@@ -83,6 +83,9 @@ class Preset:
     v_sweep_n: int
     repeats: int = 5  # timed steps after the warm-up (time = their median)
     dtypes: tuple[str, ...] = DTYPES
+    # variants timed at the main shape only (their compile time or a near-duplicate of another
+    # variant makes every sweep point cost minutes on a 2-core CPU)
+    main_only: tuple[str, ...] = ()
 
     def shapes(self) -> list[Shape]:
         """Main shape first (the headline table), then the rest of the N sweep, then the V sweep."""
@@ -98,7 +101,8 @@ class Preset:
 
 PRESETS = {
     # The issue's CPU shape (N=4096, H=1024, V=32000), N swept down to 1024, V at N=1024.
-    "full": Preset("full", Shape(4096, 1024, 32000), (1024, 2048, 4096), (8192, 32000, 65536), 1024),
+    "full": Preset("full", Shape(4096, 1024, 32000), (1024, 2048, 4096), (8192, 32000, 65536), 1024,
+                   main_only=("compiled", "torch-lce-compact")),
     # make bench-check: small enough for minutes, large enough that GEMMs dominate.
     "small": Preset("small", Shape(1024, 512, 8192), (), (), 1024),
     # The harness's own test: seconds.
