@@ -25,6 +25,7 @@ README = ROOT / "README.md"
 MARKERS = ("<!-- bench:begin -->", "<!-- bench:end -->")
 OURS = ("ours", "ours-chunked", "ours-fused")
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+MIN_MB = 1.0  # below this a memory ratio is noise (page granularity), shown as a dash
 
 
 class Results:
@@ -194,10 +195,10 @@ def summary_rows(res: Results) -> list[str]:
                      f"{ours['median_s'] / floor:.2f}" if floor else "—"]
             if best:
                 name, b = best
+                mem = (f"{ours['peak_above_inputs_mb'] / b['peak_above_inputs_mb']:.2f} "
+                       if b["peak_above_inputs_mb"] >= MIN_MB and ours["peak_above_inputs_mb"] >= MIN_MB else "— ")
                 cells += [f"`{name}` {_fmt_s(b['median_s'])}, {b['peak_above_inputs_mb']:.0f} MB",
-                          f"{ours['median_s'] / b['median_s']:.2f}",
-                          f"{ours['peak_above_inputs_mb'] / max(b['peak_above_inputs_mb'], 1e-9):.2f} "
-                          f"({ours['peak_above_inputs_mb']:.0f} MB)"]
+                          f"{ours['median_s'] / b['median_s']:.2f}", f"{mem}({ours['peak_above_inputs_mb']:.0f} MB)"]
             else:
                 cells += ["none timed", "", ""]
             lines.append("| " + " | ".join(cells) + " |")

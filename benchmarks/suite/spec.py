@@ -103,6 +103,9 @@ PRESETS = {
     # The CPU shape (N=4096, H=1024, V=32000), N swept down to 1024, V at N=1024.
     "full": Preset("full", Shape(4096, 1024, 32000), (1024, 2048, 4096), (8192, 32000, 65536), 1024,
                    main_only=("compiled", "torch-lce-compact")),
+    # The shape at a quarter of the tokens: what a loaded 2-core machine runs in hours, not a day.
+    "medium": Preset("medium", Shape(1024, 1024, 32000), (256, 512, 1024), (8192, 32000, 65536), 256,
+                     main_only=("compiled", "torch-lce-compact")),
     # make bench-check: small enough for minutes, large enough that GEMMs dominate.
     "small": Preset("small", Shape(1024, 512, 8192), (), (), 1024),
     # The harness's own test: seconds.
