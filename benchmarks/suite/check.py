@@ -4,8 +4,8 @@
     python -m benchmarks.suite.check            # run it once, compare with the recorded baseline
 
 For each (loss, dtype) at the `small` preset's shape two ratios are computed from one run:
-ours / GEMM floor, and ours / the best peer of the baseline (the same peer in both runs). The
-baseline keeps each ratio's median over R repeated runs and its spread (max - min) / median:
+ours / GEMM floor, and ours / the best peer of the baseline (the same peer in both runs; peers
+timed: VARIANTS). The baseline keeps each ratio's median over R (default 2) repeated runs and its spread (max - min) / median:
 that spread is the noise of this machine for that ratio. The check fails when a ratio exceeds
 median x (1 + max(NOISE_FACTOR x spread, MIN_TOLERANCE)), when ours fails its parity gate or
 when it no longer runs. Absolute times never enter, so a slower or busier machine does not fail
@@ -29,6 +29,9 @@ from .spec import PRESETS, Shape
 BASELINE = RESULTS / "bench_check_baseline.json"
 NOISE_FACTOR, MIN_TOLERANCE = 2.0, 0.10
 PRESET = "small"
+# ours, the floor and the peers that need no torch.compile warm-up (which would dominate the check's
+# minutes); the report's full peer set runs in `make bench`
+VARIANTS = ("gemm-floor", "ours", "naive", "torch-lce", "liger", "trl")
 
 
 def ratios(data: dict, peers: dict[str, str] | None = None) -> dict[str, dict]:
@@ -60,7 +63,7 @@ def ratios(data: dict, peers: dict[str, str] | None = None) -> dict[str, dict]:
 
 
 def _run(name: str) -> dict:
-    path = run_main(["--preset", PRESET, "--run-name", name, "--fresh", "--no-report",
+    path = run_main(["--preset", PRESET, "--run-name", name, "--fresh", "--no-report", "--variants", ",".join(VARIANTS),
                      "--out", str(RESULTS / "runs" / f"{name}.json")])
     return json.loads(Path(path).read_text())
 
@@ -111,7 +114,7 @@ def compare(base: dict, now: dict[str, dict]) -> list[tuple[str, str, str, bool]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--record", action="store_true", help="record a new baseline (repeats the run)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs for --record (their spread is the noise)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs for --record (their spread is the noise)")
     args = ap.parse_args(argv)
     if args.record:
         base = record(args.repeats)
