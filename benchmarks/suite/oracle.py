@@ -39,8 +39,12 @@ def oracle_case(case: Case) -> Case:
     return Case(case.loss, "oracle", case.dtype, case.n, case.h, case.v)
 
 
-def _rows(v: int) -> int:
-    return max(1, (64 << 20) // (8 * v))
+CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}  # fp64 [rows, V] logits per oracle chunk
+
+
+def _rows(v: int, device: torch.device | None = None) -> int:
+    budget = CHUNK_BYTES["cuda" if device is not None and device.type == "cuda" else "cpu"]
+    return max(1, budget // (8 * v))
 
 
 def _stride(rows: int, cols: int) -> int:
@@ -64,8 +68,9 @@ def reference(case: Case, x: dict[str, Tensor]) -> dict[str, Tensor]:
     weight = x64["weight"].detach().requires_grad_(needs_grad(case.loss))
     denom = (x64["labels"] != IGNORE).sum().clamp(min=1).double()
     loss = torch.zeros((), dtype=torch.float64, device=weight.device)
-    for i in range(0, n, _rows(case.v)):
-        j = min(n, i + _rows(case.v))
+    rows = _rows(case.v, weight.device)
+    for i in range(0, n, rows):
+        j = min(n, i + rows)
         xc = _slice(x64, i, j)
         if case.loss == "topk":
             with torch.no_grad():
@@ -97,7 +102,7 @@ def _reference_dpo(case: Case, x: dict[str, Tensor]) -> dict[str, Tensor]:
     """Sequence sums forward (chunked over positions), d loss / d sums by autograd, then per-row backward."""
     b, t = dpo_layout(case.n)
     y, w = x["labels"], x["weight"].detach().requires_grad_()
-    step = _rows(case.v)
+    step = _rows(case.v, w.device)
 
     @torch.no_grad()
     def sums(hidden: Tensor, weight: Tensor) -> Tensor:
