@@ -41,6 +41,24 @@ def _write(path: str | None, record: dict) -> None:
         Path(path).write_text(json.dumps(record, indent=1))
 
 
+def _paired_floor_ratio(case: Case, x: dict, device: torch.device, step, repeats: int) -> float:  # noqa: ANN001
+    """Median over rounds of (variant step / GEMM-floor step), the two alternating in this process.
+
+    Load that drifts over minutes (other jobs on the machine) hits both sides of each ratio alike,
+    which the floor measured in its own process cannot offer; bench-check compares this ratio.
+    """
+    floor = build(Case(case.loss, "gemm-floor", case.dtype, case.n, case.h, case.v), x, device).step
+    floor()
+    ratios = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        floor()
+        t1 = time.perf_counter()
+        step()
+        ratios.append((time.perf_counter() - t1) / (t1 - t0))
+    return sorted(ratios)[len(ratios) // 2]
+
+
 def test_case(benchmark, bench_case: Case, request: pytest.FixtureRequest) -> None:  # noqa: ANN001
     """Parity first, then time and peak memory of one (loss, variant, dtype, shape)."""
     opt = request.config.getoption
@@ -85,6 +103,8 @@ def test_case(benchmark, bench_case: Case, request: pytest.FixtureRequest) -> No
         benchmark.pedantic(timed, rounds=repeats, iterations=1, warmup_rounds=0)
         record["peak_above_inputs_mb"] = meter.peak_above_mb()
         record["baseline_mb"] = meter.baseline_mb
+        if opt("--bench-paired-floor") and case.variant != "gemm-floor":
+            record["paired_floor_ratio"] = _paired_floor_ratio(case, x, device, runner.step, repeats)
     except Exception as exc:  # a peer's crash or OOM is a result too: recorded, the suite goes on
         _write(out_path, {**record, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[-1500:],
                           "traceback": traceback.format_exc()[-3000:]})

@@ -19,6 +19,8 @@ def pytest_addoption(parser) -> None:  # noqa: ANN001
     group.addoption("--bench-repeats", type=int, default=5, help="timed steps after the warm-up")
     group.addoption("--bench-device", default="auto", help="cpu, cuda or auto")
     group.addoption("--bench-threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    group.addoption("--bench-paired-floor", action="store_true",
+                    help="after the timed steps, alternate floor and variant steps in this process (robust ratio)")
 
 
 def library_versions() -> dict[str, str | None]:

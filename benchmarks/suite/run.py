@@ -100,6 +100,8 @@ def run_case(case: Case, args: argparse.Namespace, cases_dir: Path, repeats: int
            str(ROOT / "benchmarks" / "bench_losses.py"), "--bench-case", json.dumps(case.to_dict()),
            "--bench-out", str(out), "--bench-repeats", str(repeats), "--bench-device", args.device,
            "--bench-threads", str(args.threads), "--benchmark-json", str(bench), "--benchmark-quiet"]
+    if args.paired_floor:
+        cmd.append("--bench-paired-floor")
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     try:
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     ap.add_argument("--fresh", action="store_true", help="forget recorded cases of this run and start over")
     ap.add_argument("--no-report", action="store_true", help="skip REPORT.md and the plots")
     ap.add_argument("--readme", action="store_true", help="also refresh the README's benchmark block")
+    ap.add_argument("--paired-floor", action="store_true",
+                    help="also time each variant alternating with the GEMM floor in its own process (bench-check)")
     ap.add_argument("--oracle-job", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     device = resolve_device(args.device)

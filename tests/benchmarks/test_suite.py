@@ -231,3 +231,11 @@ def test_bench_check_flags_a_regression_beyond_the_noise() -> None:
     assert [kind for _, kind, _, ok in slow if not ok] == ["floor", "peer", "floor", "peer"]
     gone = _suite({"gemm-floor": 2.0, "trl": 3.0})
     assert not any(ok for *_, ok in check.compare(base, check.ratios(gone, peers)))
+
+
+def test_bench_check_prefers_the_in_process_floor_ratio() -> None:
+    data = _suite({"gemm-floor": 2.0, "ours": 3.0, "trl": 3.0})
+    for rec in data["suite"]["cases"]:
+        if rec["case"]["variant"] == "ours":
+            rec["paired_floor_ratio"] = 1.05
+    assert check.ratios(data)["ce/float32"]["floor"] == 1.05
