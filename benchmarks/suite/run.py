@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     ap.add_argument("--fresh", action="store_true", help="forget recorded cases of this run and start over")
     ap.add_argument("--no-report", action="store_true", help="skip REPORT.md and the plots")
     ap.add_argument("--readme", action="store_true", help="also refresh the README's benchmark block")
+    ap.add_argument("--merge-only", action="store_true",
+                    help="run nothing: merge the cases recorded so far (a run in progress or stopped) and report")
     ap.add_argument("--paired-floor", action="store_true",
                     help="also time each variant alternating with the GEMM floor in its own process (bench-check)")
     ap.add_argument("--oracle-job", default=None, help=argparse.SUPPRESS)
@@ -212,7 +214,15 @@ def main(argv: list[str] | None = None) -> Path | None:
     meta = {"preset": args.preset, "device": str(device), "repeats": repeats, "threads": args.threads,
             "uptime_start": _uptime(), "started": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     print(f"{len(cases)} cases ({args.preset}, {device}, {args.threads or 'default'} threads) -> {run_dir}")
-    progress = tqdm(cases, unit="case", dynamic_ncols=True)
+    if args.merge_only:
+        meta_path = run_dir / "meta.json"
+        if meta_path.exists():
+            meta.update({k: v for k, v in json.loads(meta_path.read_text()).items() if k in ("uptime_start", "started")})
+        cases_iter = []
+    else:
+        (run_dir / "meta.json").write_text(json.dumps(meta))
+        cases_iter = cases
+    progress = tqdm(cases_iter, unit="case", dynamic_ncols=True)
     for case in progress:
         rec_path = cases_dir / f"{case.id}.json"
         if rec_path.exists():
