@@ -7,7 +7,8 @@
 - linear_grad: tile-fused backward, recomputed tiles -> dX / dW / db with fp32 atomics
 - linear_topk: streaming top-k + log-sum-exp over vocab tiles
 
-Host code (launch shapes, autograd) lives in proxykd_fast/losses/_epilogue_triton.py and
-_backend_triton_fused.py. Set TRITON_INTERPRET=1 before importing these modules to run them
-on CPU tensors in the Triton interpreter.
+Host code: one launcher per kernel in proxykd_fast/ops/ (same module names), launch shapes as
+data in proxykd_fast/ops/configs.py; autograd and dispatch in proxykd_fast/losses. Set
+TRITON_INTERPRET=1 before importing these modules to run them on CPU tensors in the Triton
+interpreter.
 """

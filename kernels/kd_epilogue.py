@@ -47,9 +47,9 @@ def _finish_lse(m, s):
 
 @triton.jit
 def _log_add_exp(a, b):
-    """log(exp(a) + exp(b)) for finite a, b."""
+    """log(exp(a) + exp(b)); -inf when both are -inf."""
     mx = tl.maximum(a, b)
-    return mx + tl.log(1.0 + tl.exp(tl.minimum(a, b) - mx))
+    return tl.where(mx == -float("inf"), mx, mx + tl.log(1.0 + tl.exp(tl.minimum(a, b) - mx)))
 
 
 @triton.jit
@@ -142,14 +142,16 @@ def kd_epilogue_kernel(
             if ONLINE:
                 log_p = tl.load(p_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_t - lse_p
                 p = tl.exp(log_p)
+                # A term whose weight is 0 is 0 (0 log 0 = 0): a token masked with -inf on both sides
+                # would otherwise give 0 * (-inf - -inf) = NaN.
                 if MODE == FORWARD_KL:
-                    acc_a += tl.where(mask, p * (log_p - log_qt), 0.0)
+                    acc_a += tl.where(mask & (p > 0), p * (log_p - log_qt), 0.0)
                 elif MODE == REVERSE_KL:
-                    acc_a += tl.where(mask, qt * (log_qt - log_p), 0.0)
+                    acc_a += tl.where(mask & (qt > 0), qt * (log_qt - log_p), 0.0)
                 else:
                     log_m = _log_add_exp(log_p + log_beta, log_qt + log_1m_beta)
-                    acc_a += tl.where(mask, p * (log_p - log_m), 0.0)
-                    acc_b += tl.where(mask, qt * (log_qt - log_m), 0.0)
+                    acc_a += tl.where(mask & (p > 0), p * (log_p - log_m), 0.0)
+                    acc_b += tl.where(mask & (qt > 0), qt * (log_qt - log_m), 0.0)
             if NEED_GRAD and not TWO_PASS_GRAD:
                 g = cn * scale * (q - tl.where(cols == y, 1.0, 0.0))
                 if MODE == OFFLINE:
@@ -183,7 +185,7 @@ def kd_epilogue_kernel(
             else:
                 log_m = _log_add_exp(log_p + log_beta, log_qt + log_1m_beta)
                 inner = (1.0 - beta) * (log_qt - log_m) - kd_b
-            g = cn * (q - tl.where(cols == y, 1.0, 0.0)) + ckt * qt * inner
+            g = cn * (q - tl.where(cols == y, 1.0, 0.0)) + tl.where(qt > 0, ckt * qt * inner, 0.0)
             tl.store(s_row + cols, g, mask=mask)
 
     if MODE != CE:

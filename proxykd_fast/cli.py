@@ -1,4 +1,8 @@
-"""The `proxykd` console script: teacher collection/serving and the Proxy-KD pipeline stages."""
+"""The `proxykd` console script: teacher collection/serving and the Proxy-KD pipeline stages.
+
+Every subcommand is parsed the same way (`proxykd_fast.argparsing.ConfigParser`, TRL's parser over
+the command's config dataclass): flags, `--config file.yaml`, aliases and "did you mean".
+"""
 
 from __future__ import annotations
 
@@ -8,23 +12,21 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .pipeline.config import AlignProxyConfig, DistillConfig, EvalConfig, PrecomputeConfig, StageConfig
+from .argparsing import Command, build_command_parser, run_command, subcommand_parser
+from .pipeline.config import AlignProxyConfig, DistillConfig, EvalConfig, PrecomputeConfig
+
+EXIT_UNFINISHED = 3
 
 
-def _stage(sub: Any, name: str, cls: type[StageConfig], run: Callable[[Any], Any], helptext: str) -> None:
-    """Register one pipeline stage whose flags mirror its config dataclass."""
-    p = sub.add_parser(name, help=helptext, description=helptext)
-    cls.add_arguments(p)
-    if cls is DistillConfig:
-        p.add_argument("--no-weights", dest="use_weights", action="store_false",
-                       help="ablation: drop the per-sample weights w (same as --no-use-weights)")
+def _stage(run: Callable[[Any], Any]) -> Callable[[Any], int]:
+    """A stage's command: run it, print its result as JSON; exit code 3 when it stopped unfinished."""
 
-    def handler(args: argparse.Namespace) -> int:
-        result = run(cls.from_args(args))
+    def command(cfg: Any) -> int:
+        result = run(cfg)
         print(json.dumps(result, indent=2, default=str))
-        return 0 if not isinstance(result, dict) or result.get("finished", True) else 3
+        return 0 if not isinstance(result, dict) or result.get("finished", True) else EXIT_UNFINISHED
 
-    p.set_defaults(func=handler)
+    return command
 
 
 def _align(cfg: AlignProxyConfig) -> Any:
@@ -51,34 +53,40 @@ def _eval(cfg: EvalConfig) -> Any:
     return evaluate(cfg)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full `proxykd` parser."""
-    parser = argparse.ArgumentParser(prog="proxykd", description="Distill black-box LLMs through a white-box proxy")
-    sub = parser.add_subparsers(dest="command", required=True)
-    try:
-        from .teacher.cli import add_collect_parser, add_serve_parser
+STAGES = {
+    "align-proxy": Command(AlignProxyConfig, _stage(_align), "SFT warm-up + NLL/DPO rounds to align the proxy"),
+    "precompute": Command(PrecomputeConfig, _stage(_precompute), "store the proxy's top-k targets and sample weights"),
+    "distill": Command(DistillConfig, _stage(_distill), "train the student: NLL + alpha * w * KL(proxy || student)"),
+    "eval": Command(EvalConfig, _stage(_eval), "held-out NLL, KL to a reference model, generation samples"),
+}
 
-        add_collect_parser(sub)
-        add_serve_parser(sub)
-    except ImportError:  # pragma: no cover - the teacher package is optional here
-        pass
-    _stage(sub, "align-proxy", AlignProxyConfig, _align, "SFT warm-up + NLL/DPO rounds to align the proxy")
-    _stage(sub, "precompute", PrecomputeConfig, _precompute, "store the proxy's top-k targets and sample weights")
-    _stage(sub, "distill", DistillConfig, _distill, "train the student: NLL + alpha * w * KL(proxy || student)")
-    _stage(sub, "eval", EvalConfig, _eval, "held-out NLL, KL to a reference model, generation samples")
-    return parser
+
+def commands() -> dict[str, Command]:
+    """Every `proxykd` subcommand: the teacher's (collect, serve-teacher), then the pipeline stages."""
+    from .teacher.cli import COMMANDS as TEACHER
+
+    return {**TEACHER, **STAGES}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `proxykd` parser: one ConfigParser per subcommand."""
+    return build_command_parser("proxykd", "Distill black-box LLMs through a white-box proxy", commands())
+
+
+def parse_command(argv: list[str], parser: argparse.ArgumentParser | None = None) -> tuple[str, Any]:
+    """(subcommand, its config) for a command line, e.g. ["distill", "--config", "d.yaml"]."""
+    cmds = commands()
+    if not argv or argv[0] not in cmds:
+        raise ValueError(f"expected a subcommand ({', '.join(cmds)}), got {argv[:1]}")
+    return argv[0], subcommand_parser(parser or build_parser(), argv[0]).parse(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `proxykd` console script."""
     from .pipeline.modeling import PipelineError
 
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (PipelineError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(build_parser(), commands(), sys.argv[1:] if argv is None else argv,
+                       errors=(PipelineError, ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ._gemm import accumulate_grad_weight, grad_input_chunk, grad_operand, logits_into, workspace
 from ._spec import Head
+from ._vocab_parallel import VocabShard
 
 
 @dataclass(frozen=True)
@@ -75,20 +76,28 @@ def run(
     grad_hidden: bool = False,
     grad_weight: bool = False,
     grad_bias: bool = False,
+    shard: VocabShard | None = None,
 ) -> Gradients:
-    """One pass over `chunks` with `nbuf` [rows, V] buffers: S (student), then P (proxy), then R (scratch)."""
+    """One pass over `chunks` with `nbuf` [rows, V] buffers: S (student), then P (proxy), then R (scratch).
+
+    With a vocab `shard` the weights are this rank's rows: dX is this rank's partial sum until the
+    pass ends, then all-reduced once (in fp32); dW and db are this rank's rows of the full gradient.
+    """
     hs, ws, bs = student.hidden, student.weight, student.bias
     device, vocab = hs.device, ws.shape[0]
     out = Gradients()
     if grad_hidden:
         dense = all(c.rows is None for c in chunks) and sum(c.stop - c.start for c in chunks) == hs.shape[0]
-        out.hidden = torch.empty_like(hs) if dense else torch.zeros_like(hs)
+        if shard is not None:
+            out.hidden = torch.zeros(hs.shape, device=device, dtype=acc_dtype)
+        else:
+            out.hidden = torch.empty_like(hs) if dense else torch.zeros_like(hs)
     if grad_weight:
         out.weight = torch.zeros(ws.shape, device=device, dtype=acc_dtype)
     if grad_bias:
         out.bias = torch.zeros(vocab, device=device, dtype=acc_dtype)
     if not chunks:
-        return out
+        return _reduced(out, shard, hs.dtype)
     bufs = workspace(device, nbuf, max(c.stop - c.start for c in chunks), vocab, acc_dtype)
     with_proxy = proxy is not None and nbuf >= 2
     with_scratch = nbuf > (2 if proxy is not None else 1)
@@ -111,4 +120,11 @@ def run(
             accumulate_grad_weight(out.weight, S, x, G)
         if out.bias is not None:
             out.bias += S.sum(0)
+    return _reduced(out, shard, hs.dtype)
+
+
+def _reduced(out: Gradients, shard: VocabShard | None, hidden_dtype: torch.dtype) -> Gradients:
+    """Vocab-parallel: sum every rank's dX partial once and cast it to the hidden's dtype."""
+    if shard is not None and out.hidden is not None:
+        out.hidden = shard.sum_(out.hidden).to(hidden_dtype)
     return out

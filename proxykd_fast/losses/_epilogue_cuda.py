@@ -14,7 +14,7 @@ from ._epilogue_torch import TorchEpilogue
 from ._spec import EpilogueArgs, LossSpec
 
 
-def extension():  # noqa: ANN201
+def extension():
     """The compiled extension module (ImportError when it was not built)."""
     from proxykd_fast import _cuda_ext
 

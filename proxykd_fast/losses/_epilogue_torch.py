@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._spec import EpilogueArgs, LossSpec
+from ._vocab_parallel import VocabShard
 
 ROWDOT_BLOCK = 4096  # columns per partial sum of `rowdot`
 
@@ -24,7 +25,8 @@ def rowdot(a: Tensor, b: Tensor) -> Tensor:
 
     Blocked partial sums keep it accurate: a single [1, V] x [V, 1] bmm accumulates serially
     and was measured ~50x less accurate (relative to sum |a*b|), enough to make reverse-KL
-    gradients at T=0.5 three times less accurate than plain torch's.
+    gradients at T=0.5 three times less accurate than plain torch's. A term with a == 0 is 0
+    whatever b is (0 log 0 = 0): a vocabulary entry masked with -inf on both sides adds nothing.
     """
     c, v = a.shape
     out = torch.zeros(c, dtype=a.dtype, device=a.device)
@@ -32,13 +34,80 @@ def rowdot(a: Tensor, b: Tensor) -> Tensor:
     for j in range(0, v, ROWDOT_BLOCK):
         w = min(ROWDOT_BLOCK, v - j)
         t = torch.mul(a[:, j : j + w], b[:, j : j + w], out=tmp[:, :w])
-        out += t.sum(1)
+        part = t.sum(1)
+        if bool(torch.isnan(part).any()):  # 0 * (-inf - -inf): a token both sides mask has no term
+            part = t.masked_fill_(a[:, j : j + w] == 0, 0.0).sum(1)
+        out += part
     return out
 
 
-def _subtract_label_grad(S: Tensor, labels: Tensor, c_nll: Tensor) -> None:
-    """Apply the -onehot(y) part of the NLL gradient in place."""
-    S.scatter_add_(1, labels[:, None], -c_nll[:, None])
+def zero_where_zero(t: Tensor, ref: Tensor) -> Tensor:
+    """Set t to 0 wherever ref == 0, in place (a gradient term ref * (...) of a masked token is 0, not NaN).
+
+    Only rows that hold a NaN are touched, so finite inputs take no extra pass.
+    """
+    rows = torch.isnan(t).any(1).nonzero().view(-1)
+    if rows.numel():
+        t[rows] = t[rows].masked_fill_(ref[rows] == 0, 0.0)
+    return t
+
+
+class Vocab:
+    """Row reductions of a logits chunk over the vocabulary, local or vocab-parallel.
+
+    Without a shard these are the plain torch ops. With a `VocabShard` the chunk holds this rank's
+    columns only: row maxima and sums are all-reduced and global ids are mapped to local columns
+    (a rank that does not own an id contributes 0), so every rank gets the full-vocabulary result.
+    """
+
+    def __init__(self, shard: VocabShard | None = None) -> None:
+        self.shard = shard
+
+    def log_softmax_(self, X: Tensor) -> Tensor:
+        """X = log softmax(X) over the (full) vocabulary, in place."""
+        if self.shard is None:
+            return torch.log_softmax(X, 1, out=X)
+        m = self.shard.max_(X.max(1).values)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row stays -inf, not NaN
+        X.sub_(m[:, None])
+        X.sub_(self.shard.sum_(row_sumexp(X)).log()[:, None])
+        return X
+
+    def dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """Row-wise dot product over the full vocabulary (see rowdot)."""
+        out = rowdot(a, b)
+        return out if self.shard is None else self.shard.sum_(out)
+
+    def pick(self, X: Tensor, ids: Tensor) -> Tensor:
+        """X[i, ids[i, j]] for global ids [C, J]."""
+        if self.shard is None:
+            return X.gather(1, ids)
+        local, owned = self.shard.localize(ids)
+        return self.shard.sum_(torch.where(owned, X.gather(1, local), torch.zeros((), dtype=X.dtype, device=X.device)))
+
+    def scatter_add_(self, X: Tensor, ids: Tensor, values: Tensor) -> None:
+        """X[i, ids[i, j]] += values[i, j] for global ids [C, J] (on the owning rank)."""
+        if self.shard is None:
+            X.scatter_add_(1, ids, values)
+            return
+        local, owned = self.shard.localize(ids)
+        X.scatter_add_(1, local, torch.where(owned, values, torch.zeros_like(values)))
+
+    def subtract_label_grad(self, S: Tensor, labels: Tensor | None, c_nll: Tensor) -> None:
+        """Apply the -onehot(y) part of the NLL gradient in place (labels None: no NLL term)."""
+        if labels is not None:
+            self.scatter_add_(S, labels[:, None], -c_nll[:, None])
+
+
+def row_sumexp(X: Tensor) -> Tensor:
+    """sum_v exp(X[:, v]) with a [C, ROWDOT_BLOCK] temporary at most."""
+    c, v = X.shape
+    out = torch.zeros(c, dtype=X.dtype, device=X.device)
+    tmp = torch.empty(c, min(v, ROWDOT_BLOCK), dtype=X.dtype, device=X.device)
+    for j in range(0, v, ROWDOT_BLOCK):
+        w = min(ROWDOT_BLOCK, v - j)
+        out += torch.exp(X[:, j : j + w], out=tmp[:, :w]).sum(1)
+    return out
 
 
 class TorchEpilogue:
@@ -62,84 +131,92 @@ class TorchEpilogue:
 def torch_epilogue(args: EpilogueArgs, spec: LossSpec) -> tuple[Tensor, Tensor | None]:
     """Return (nll [C], kd [C] or None) and, if need_grad, leave dlogits in S (see EpilogueArgs)."""
     S, P, R, labels, c_nll, c_kd, need_grad = args.S, args.P, args.R, args.labels, args.c_nll, args.c_kd, args.need_grad
+    vocab = Vocab(spec.shard)
     T = spec.temperature
     div = spec.divergence
     if div is None and spec.logit_scale != 1.0:  # CE of scaled logits (tempered log-probs)
         S.mul_(spec.logit_scale)
         c_nll = c_nll * spec.logit_scale  # d/dz = scale * d/d(scale z)
-    torch.log_softmax(S, 1, out=S)  # S = log q
-    nll = -S.gather(1, labels[:, None]).view(-1)
+    vocab.log_softmax_(S)  # S = log q
+    nll = -vocab.pick(S, labels[:, None]).view(-1)
     if div is None:
         if need_grad:
             S.exp_().mul_(c_nll[:, None])
-            _subtract_label_grad(S, labels, c_nll)
+            vocab.subtract_label_grad(S, labels, c_nll)
         return nll, None
+    if spec.nll_weight == 0.0:  # KD alone: the NLL term's -onehot(y) gradient is all zeros
+        labels = None
 
     if args.topk_ids is not None:
-        return nll, _offline_forward_kl(S, R, args.topk_ids, args.topk_logprobs, labels, c_nll, c_kd, T, need_grad)
+        return nll, _offline_forward_kl(vocab, S, R, args.topk_ids, args.topk_logprobs, labels, c_nll, c_kd, T,
+                                        need_grad)
 
     assert P is not None and R is not None
     if T != 1.0:
         P.mul_(1.0 / T)
-    torch.log_softmax(P, 1, out=P)  # P = log p
+    vocab.log_softmax_(P)  # P = log p
     if div == "forward_kl" and T == 1.0:
-        return nll, _forward_kl_t1(S, P, R, labels, c_nll, c_kd, need_grad)
+        return nll, _forward_kl_t1(vocab, S, P, R, labels, c_nll, c_kd, need_grad)
 
     torch.mul(S, 1.0 / T, out=R)
-    torch.log_softmax(R, 1, out=R)  # R = log q_T
+    vocab.log_softmax_(R)  # R = log q_T
     if div == "forward_kl":
-        kd = _forward_kl(S, P, R, labels, c_nll, c_kd, T, need_grad)
+        kd = _forward_kl(vocab, S, P, R, labels, c_nll, c_kd, T, need_grad)
     elif div == "reverse_kl":
-        kd = _reverse_kl(S, P, R, labels, c_nll, c_kd, T, need_grad)
+        kd = _reverse_kl(vocab, S, P, R, labels, c_nll, c_kd, T, need_grad)
     else:
-        kd = _jsd(S, P, R, labels, c_nll, c_kd, T, spec.jsd_beta, need_grad)
+        kd = _jsd(vocab, S, P, R, labels, c_nll, c_kd, T, spec.jsd_beta, need_grad)
     return nll, kd * (T * T)
 
 
-def _forward_kl_t1(S: Tensor, P: Tensor, R: Tensor, labels: Tensor, c_nll: Tensor, c_kd: Tensor, need_grad: bool) -> Tensor:
+def _forward_kl_t1(vocab: Vocab, S: Tensor, P: Tensor, R: Tensor, labels: Tensor | None, c_nll: Tensor,
+                   c_kd: Tensor, need_grad: bool) -> Tensor:
     """KL(p||q) at T=1, the hot path: dlogits = (c_nll + c_kd) q - c_kd p - c_nll onehot."""
     torch.exp(P, out=R)  # R = p
     P.sub_(S)  # P = log p - log q
-    kd = rowdot(R, P)
+    kd = vocab.dot(R, P)
     if need_grad:
         S.exp_().mul_((c_nll + c_kd)[:, None])
         S.addcmul_(R, (-c_kd)[:, None])
-        _subtract_label_grad(S, labels, c_nll)
+        vocab.subtract_label_grad(S, labels, c_nll)
     return kd
 
 
-def _forward_kl(S: Tensor, P: Tensor, R: Tensor, labels: Tensor, c_nll: Tensor, c_kd: Tensor, T: float, need_grad: bool) -> Tensor:
+def _forward_kl(vocab: Vocab, S: Tensor, P: Tensor, R: Tensor, labels: Tensor | None, c_nll: Tensor, c_kd: Tensor,
+                T: float, need_grad: bool) -> Tensor:
     """KL(p||q_T); d(T^2 KL)/ds = T (q_T - p)."""
     torch.sub(P, R, out=R)  # R = log p - log q_T
     P.exp_()  # P = p
-    kd = rowdot(P, R)
+    kd = vocab.dot(P, R)
     if need_grad:
         torch.mul(S, 1.0 / T, out=R)  # recompute log q_T from log q (shift invariant)
-        torch.log_softmax(R, 1, out=R)
+        vocab.log_softmax_(R)
         R.exp_().sub_(P)  # R = q_T - p
         S.exp_().mul_(c_nll[:, None])
         S.addcmul_(R, (c_kd * T)[:, None])
-        _subtract_label_grad(S, labels, c_nll)
+        vocab.subtract_label_grad(S, labels, c_nll)
     return kd
 
 
-def _reverse_kl(S: Tensor, P: Tensor, R: Tensor, labels: Tensor, c_nll: Tensor, c_kd: Tensor, T: float, need_grad: bool) -> Tensor:
+def _reverse_kl(vocab: Vocab, S: Tensor, P: Tensor, R: Tensor, labels: Tensor | None, c_nll: Tensor, c_kd: Tensor,
+                T: float, need_grad: bool) -> Tensor:
     """KL(q_T||p); d(T^2 KL)/ds = T q_T (log q_T - log p - KL)."""
     torch.sub(R, P, out=P)  # P = log q_T - log p
     R.exp_()  # R = q_T
-    kd = rowdot(R, P)
+    kd = vocab.dot(R, P)
     if need_grad:
-        P.sub_(kd[:, None]).mul_(R)
+        zero_where_zero(P.sub_(kd[:, None]).mul_(R), R)
         S.exp_().mul_(c_nll[:, None])
         S.addcmul_(P, (c_kd * T)[:, None])
-        _subtract_label_grad(S, labels, c_nll)
+        vocab.subtract_label_grad(S, labels, c_nll)
     return kd
 
 
 JSD_ROW_SLICES = 8  # the JSD needs a few [rows, V] temporaries: take them 1/8 of a chunk at a time
 
 
-def _jsd(S: Tensor, P: Tensor, R: Tensor, labels: Tensor, c_nll: Tensor, c_kd: Tensor, T: float, beta: float, need_grad: bool) -> Tensor:
+def _jsd(vocab: Vocab, S: Tensor, P: Tensor, R: Tensor, labels: Tensor | None, c_nll: Tensor, c_kd: Tensor,
+         T: float, beta: float, need_grad: bool) -> Tensor:
     """Generalized JSD b KL(p||m) + (1-b) KL(q_T||m), m = b p + (1-b) q_T, in log space.
 
     Rows are independent, so the temporaries (log m, p, q_T) are taken over row slices of the
@@ -147,38 +224,41 @@ def _jsd(S: Tensor, P: Tensor, R: Tensor, labels: Tensor, c_nll: Tensor, c_kd: T
     """
     rows = S.shape[0]
     step = max(1, -(-rows // JSD_ROW_SLICES))
-    parts = [_jsd_rows(S[i : i + step], P[i : i + step], R[i : i + step], labels[i : i + step],
-                       c_nll[i : i + step], c_kd[i : i + step], T, beta, need_grad) for i in range(0, rows, step)]
+    parts = [_jsd_rows(vocab, S[i : i + step], P[i : i + step], R[i : i + step],
+                       None if labels is None else labels[i : i + step], c_nll[i : i + step], c_kd[i : i + step],
+                       T, beta, need_grad) for i in range(0, rows, step)]
     return torch.cat(parts) if len(parts) != 1 else parts[0]
 
 
-def _jsd_rows(S: Tensor, P: Tensor, R: Tensor, labels: Tensor, c_nll: Tensor, c_kd: Tensor, T: float, beta: float, need_grad: bool) -> Tensor:
+def _jsd_rows(vocab: Vocab, S: Tensor, P: Tensor, R: Tensor, labels: Tensor | None, c_nll: Tensor, c_kd: Tensor,
+              T: float, beta: float, need_grad: bool) -> Tensor:
     """`_jsd` on a slice of rows (P = log p, R = log q_T on entry)."""
     log_m = torch.logaddexp(P + math.log(beta), R + math.log1p(-beta))
     p = torch.exp(P)
     P.sub_(log_m)  # log p - log m
-    kd = beta * rowdot(p, P)
+    kd = beta * vocab.dot(p, P)
     del p
     q_t = torch.exp(R)
     R.sub_(log_m)  # log q_T - log m
     del log_m
-    kd = kd + (1.0 - beta) * rowdot(q_t, R)
+    kd = kd + (1.0 - beta) * vocab.dot(q_t, R)
     if need_grad:
         # d/du = q_T * (g - <q_T, g>), g = (1-b)(log q_T - log m)
         R.mul_(1.0 - beta)
-        R.sub_(rowdot(q_t, R)[:, None]).mul_(q_t)
+        zero_where_zero(R.sub_(vocab.dot(q_t, R)[:, None]).mul_(q_t), q_t)
         S.exp_().mul_(c_nll[:, None])
         S.addcmul_(R, (c_kd * T)[:, None])
-        _subtract_label_grad(S, labels, c_nll)
+        vocab.subtract_label_grad(S, labels, c_nll)
     return kd
 
 
 def _offline_forward_kl(
+    vocab: Vocab,
     S: Tensor,
     R: Tensor | None,
     ids: Tensor,
     lps: Tensor,
-    labels: Tensor,
+    labels: Tensor | None,
     c_nll: Tensor,
     c_kd: Tensor,
     T: float,
@@ -193,9 +273,9 @@ def _offline_forward_kl(
     else:
         assert R is not None
         torch.mul(S, 1.0 / T, out=R)
-        torch.log_softmax(R, 1, out=R)
+        vocab.log_softmax_(R)
         log_qt = R
-    terms = p * (log_p - log_qt.gather(1, ids))
+    terms = p * (log_p - vocab.pick(log_qt, ids))
     kd = torch.where(p > 0, terms, torch.zeros_like(terms)).sum(1)
     if need_grad:
         c_t = c_kd * T * finite_row.view(-1)  # a row whose targets carry no mass has no KD gradient
@@ -206,20 +286,23 @@ def _offline_forward_kl(
             R.exp_()
             S.exp_().mul_(c_nll[:, None])
             S.addcmul_(R, c_t[:, None])
-        S.scatter_add_(1, ids, p * (-c_t)[:, None])
-        _subtract_label_grad(S, labels, c_nll)
+        vocab.scatter_add_(S, ids, p * (-c_t)[:, None])
+        vocab.subtract_label_grad(S, labels, c_nll)
     return kd * (T * T)
 
 
 class TorchTokenRows:
     """Per-token steps of a sequence-level loss (DPO) in plain torch: log-softmax in place, then dlogits."""
 
+    def __init__(self, shard: VocabShard | None = None) -> None:
+        self.vocab = Vocab(shard)
+
     def logps(self, S: Tensor, labels: Tensor) -> Tensor:
         """Leave log softmax(S) in S and gather the labels' entries."""
-        torch.log_softmax(S, 1, out=S)
-        return S.gather(1, labels[:, None]).view(-1)
+        self.vocab.log_softmax_(S)
+        return self.vocab.pick(S, labels[:, None]).view(-1)
 
     def dlogits(self, S: Tensor, labels: Tensor, coef: Tensor) -> None:
         """S holds log-probs: S = coef * (onehot - exp(S))."""
         S.exp_().mul_((-coef)[:, None])
-        S.scatter_add_(1, labels[:, None], coef[:, None])
+        self.vocab.scatter_add_(S, labels[:, None], coef[:, None])

@@ -16,10 +16,10 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _engine
-from ._spec import Head, accumulation_dtype
+from ._spec import Head, accumulation_dtype, first_order_only
+from ._vocab_parallel import VocabShard
 
 
 class TokenRows(Protocol):
@@ -110,7 +110,7 @@ class _TokenPass:
 
 
 def token_pass(head: Head, plan: PairPlan, ops: TokenRows, obj: Objective | None, grad_hidden: bool,
-               grad_weight: bool, grad_bias: bool) -> tuple[Tensor, _engine.Gradients]:
+               grad_weight: bool, grad_bias: bool, shard: VocabShard | None = None) -> tuple[Tensor, _engine.Gradients]:
     """Row log-prob sums [2B] (fp64) and, if asked, dX, dW (fp32/fp64), db of the objective, chunk by chunk.
 
     Without gradients (`obj` may then be None) every chunk is computed once.
@@ -127,7 +127,7 @@ def token_pass(head: Head, plan: PairPlan, ops: TokenRows, obj: Objective | None
         for p in sorted({c.meta[0] for c in streamed}):
             obj.row_coefficients(sums, p, p + 1, coef)
     grads = _engine.run(plan.chunks, head, _TokenPass(plan, ops, sums, coef, obj, need_grad), acc_dtype=acc,
-                        grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias)
+                        grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias, shard=shard)
     return sums, grads
 
 
@@ -144,27 +144,27 @@ class FusedSequenceLoss(torch.autograd.Function):
     """Loss and row log-prob sums; gradients are computed in the forward and scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, plan, ops, obj, out_dtype):  # noqa: ANN001, ANN205, D102
+    def forward(ctx, hidden, weight, bias, plan, ops, obj, out_dtype, shard):
         gh, gw, gb = ctx.needs_input_grad[:3]
-        sums, grads = token_pass(Head(hidden, weight, bias), plan, ops, obj, gh, gw, gb)
+        sums, grads = token_pass(Head(hidden, weight, bias), plan, ops, obj, gh, gw, gb, shard)
         ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(sums)
         return obj.total(sums).to(out_dtype), sums
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, _grad_sums):  # noqa: ANN001, ANN205, D102
+    @first_order_only
+    def backward(ctx, grad_loss, _grad_sums):
         dh, dw, db = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         return (_scaled(dh, grad_loss, None), _scaled(dw, grad_loss, w_dtype), _scaled(db, grad_loss, b_dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
-def sequence_loss(head: Head, plan: PairPlan, ops: TokenRows, obj: Objective,
-                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def sequence_loss(head: Head, plan: PairPlan, ops: TokenRows, obj: Objective, out_dtype: torch.dtype,
+                  shard: VocabShard | None = None) -> tuple[Tensor, Tensor]:
     """(loss, row sums) of `obj` on the token-chunked plan; a graph only where an input needs a gradient."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (head.hidden, head.weight, head.bias)):
-        return FusedSequenceLoss.apply(head.hidden, head.weight, head.bias, plan, ops, obj, out_dtype)
-    sums, _ = token_pass(head, plan, ops, obj, False, False, False)  # no graph: skip the gradient work entirely
+        return FusedSequenceLoss.apply(head.hidden, head.weight, head.bias, plan, ops, obj, out_dtype, shard)
+    sums, _ = token_pass(head, plan, ops, obj, False, False, False, shard)  # no graph: skip the gradient work
     return obj.total(sums).to(out_dtype), sums

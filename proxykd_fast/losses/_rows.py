@@ -17,7 +17,8 @@ from torch import Tensor
 
 from . import _engine
 from ._gemm import default_chunk_rows
-from ._spec import EpilogueArgs, Head, KDBatch, LossSpec, accumulation_dtype
+from ._spec import EpilogueArgs, Head, KDBatch, LossSpec, accumulation_dtype, first_order_only
+from ._vocab_parallel import VocabShard
 
 
 class RowEpilogue(Protocol):
@@ -58,10 +59,11 @@ class _RowLosses:
         ids = lps = None
         if batch.topk_ids is not None:
             ids, lps = chunk.take(batch.topk_ids), chunk.take(batch.topk_logprobs).to(acc)
-        args = EpilogueArgs(S, P, R, y_safe, ids, lps, g, g * kd_scale, self.need_grad)
+        c_nll = g if spec.nll_weight == 1.0 else g * spec.nll_weight
+        args = EpilogueArgs(S, P, R, y_safe, ids, lps, c_nll, g * kd_scale, self.need_grad)
         nll, kd = self.epilogue(args, spec)
         nll = nll * validf
-        loss = nll
+        loss = nll if spec.nll_weight == 1.0 else nll * spec.nll_weight
         self.nll_sum += nll.sum(dtype=torch.float64)
         if kd is not None:
             kd = kd * validf
@@ -89,7 +91,7 @@ def run_rows(batch: KDBatch, spec: LossSpec, epilogue: RowEpilogue, row_grad: Te
     step = _RowLosses(batch, spec, epilogue, row_grad, need_grad, acc)
     grads = _engine.run(_engine.row_chunks(n, rows, order), s, step, acc_dtype=acc, nbuf=nbuf, proxy=p,
                         grad_hidden=need_grad and grad_hidden, grad_weight=need_grad and grad_weight,
-                        grad_bias=need_grad and grad_bias)
+                        grad_bias=need_grad and grad_bias, shard=spec.shard)
     return step, grads
 
 
@@ -120,7 +122,7 @@ class FusedRowLoss(torch.autograd.Function):
     """Autograd wrapper: returns (loss, nll_sum, kd_sum); only `loss` is differentiable."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, batch, spec, epilogue):  # noqa: ANN001, ANN205, D102
+    def forward(ctx, hs, ws, bs, batch, spec, epilogue):
         batch = replace(batch, student=Head(hs, ws, bs))
         gh, gw, gb = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         ctx.spec, ctx.epilogue, ctx.template = spec, epilogue, batch
@@ -138,7 +140,8 @@ class FusedRowLoss(torch.autograd.Function):
         return loss, res.nll_sum, res.kd_sum
 
     @staticmethod
-    def backward(ctx, grad_loss, _g_nll, _g_kd):  # noqa: ANN001, ANN205, D102
+    @first_order_only  # the gradient is computed by the engine, not by autograd
+    def backward(ctx, grad_loss, _g_nll, _g_kd):
         _, w_dtype, b_dtype = ctx.dtypes
         if ctx.spec.reduction != "none":
             dh, dw, db = ctx.saved_tensors
@@ -161,37 +164,149 @@ def fused_kd(batch: KDBatch, spec: LossSpec, epilogue: RowEpilogue) -> tuple[Ten
 
 
 def fused_log_probs(head: Head, labels: Tensor, temperature: float, ignore_index: int, chunk_size: int | None,
-                    epilogue: RowEpilogue) -> Tensor:
+                    epilogue: RowEpilogue, shard: VocabShard | None = None) -> Tensor:
     """Per-token log softmax(z/T)[label], 0 on ignored rows: minus the per-row CE of z/T, differentiable."""
-    spec = LossSpec(ignore_index=ignore_index, reduction="none", chunk_size=chunk_size, logit_scale=1.0 / temperature)
+    spec = LossSpec(ignore_index=ignore_index, reduction="none", chunk_size=chunk_size, logit_scale=1.0 / temperature,
+                    shard=shard)
     rows, _, _ = FusedRowLoss.apply(head.hidden, head.weight, head.bias, KDBatch(head, labels), spec, epilogue)
     return -rows
 
 
-class _TopK:
-    """The engine's per-chunk step of the streaming top-k: log-softmax statistics and torch.topk."""
+class _LogProbsEntropy:
+    """The engine's per-chunk step of per-token log-probs and entropy of softmax(scale * z), and their dlogits.
 
-    def __init__(self, n: int, k: int, temperature: float, device: torch.device) -> None:
-        self.k, self.temperature = k, temperature
+    Buffers: S (logits, then log q, then dlogits) and R (q). With upstream gradients g_lp, g_h:
+    d/dz = scale * (g_lp (onehot(y) - q) - g_h q (log q + H)).
+    """
+
+    def __init__(self, labels: Tensor, scale: float, ignore_index: int, grads: tuple[Tensor, Tensor] | None,
+                 acc: torch.dtype, shard: VocabShard | None) -> None:
+        from ._epilogue_torch import Vocab
+
+        n, device = labels.shape[0], labels.device
+        self.labels, self.scale, self.ignore_index, self.grads = labels, scale, ignore_index, grads
+        self.vocab = Vocab(shard)
+        self.logp = torch.zeros(n, device=device, dtype=acc)
+        self.entropy = torch.zeros(n, device=device, dtype=acc)
+
+    def __call__(self, chunk: _engine.Chunk, S: Tensor, P: Tensor | None, R: Tensor | None) -> bool:
+        from ._epilogue_torch import zero_where_zero
+
+        y = chunk.take(self.labels)
+        if self.scale != 1.0:
+            S.mul_(self.scale)
+        self.vocab.log_softmax_(S)  # log q
+        lp = self.vocab.pick(S, y[:, None]).view(-1)
+        torch.exp(S, out=R)  # q
+        h = -self.vocab.dot(R, S)
+        rows = chunk.rows if chunk.rows is not None else slice(chunk.start, chunk.stop)
+        self.logp[rows] = lp
+        self.entropy[rows] = h
+        if self.grads is None:
+            return False
+        g_lp, g_h = (chunk.take(g).to(S.dtype) for g in self.grads)
+        S.add_(h[:, None]).mul_(g_h[:, None]).add_(g_lp[:, None])  # g_lp + g_h (log q + H)
+        zero_where_zero(S.mul_(R), R).mul_(-self.scale)
+        self.vocab.scatter_add_(S, y[:, None], (g_lp * self.scale)[:, None])
+        return True
+
+
+def _log_probs_entropy_pass(head: Head, labels: Tensor, temperature: float, ignore_index: int,
+                            chunk_size: int | None, shard: VocabShard | None, grads: tuple[Tensor, Tensor] | None,
+                            need: tuple[bool, bool, bool]) -> tuple[_LogProbsEntropy, _engine.Gradients]:
+    """One engine pass over the non-ignored rows (two [C, V] buffers per chunk)."""
+    acc = accumulation_dtype(head.hidden, head.weight)
+    order = _engine.kept_rows(labels != ignore_index)
+    n = labels.shape[0]
+    m = n if order is None else order.numel()
+    rows = chunk_size or default_chunk_rows(head.hidden.device, 2, head.vocab, m)
+    step = _LogProbsEntropy(labels, 1.0 / temperature, ignore_index, grads, acc, shard)
+    with_grad = grads is not None
+    out = _engine.run(_engine.row_chunks(n, rows, order), head, step, acc_dtype=acc, nbuf=2,
+                      grad_hidden=with_grad and need[0], grad_weight=with_grad and need[1],
+                      grad_bias=with_grad and need[2], shard=shard)
+    return step, out
+
+
+class FusedLogProbsEntropy(torch.autograd.Function):
+    """Per-token (log-prob, entropy), both differentiable; the backward recomputes the chunks."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, shard):
+        step, _ = _log_probs_entropy_pass(Head(hidden, weight, bias), labels, temperature, ignore_index, chunk_size,
+                                          shard, None, (False, False, False))
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.args = (temperature, ignore_index, chunk_size, shard)
+        return step.logp, step.entropy
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, g_lp, g_h):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        _, grads = _log_probs_entropy_pass(Head(hidden, weight, bias), labels, *ctx.args, (g_lp, g_h),
+                                           tuple(ctx.needs_input_grad[:3]))
+        dw = None if grads.weight is None else grads.weight.to(weight.dtype)
+        db = None if grads.bias is None else grads.bias.to(bias.dtype)
+        return grads.hidden, dw, db, None, None, None, None, None
+
+
+class _TopK:
+    """The engine's per-chunk step of the streaming top-k: log-softmax statistics and torch.topk.
+
+    Vocab-parallel: each rank ranks its own columns, the candidates (with global ids) are
+    all-gathered and merged, and the row's log-sum-exp is all-reduced.
+    """
+
+    def __init__(self, n: int, k: int, temperature: float, device: torch.device, shard: VocabShard | None) -> None:
+        self.k, self.temperature, self.shard = k, temperature, shard
         self.ids = torch.empty(n, k, device=device, dtype=torch.int64)
         self.lps = torch.empty(n, k, device=device, dtype=torch.float32)
 
     def __call__(self, chunk: _engine.Chunk, S: Tensor, P: Tensor | None, R: Tensor | None) -> bool:
         if self.temperature != 1.0:
             S.mul_(1.0 / self.temperature)
-        lse = torch.logsumexp(S, 1, keepdim=True)
-        vals, idx = torch.topk(S, self.k, dim=1)
+        if self.shard is None:
+            lse = torch.logsumexp(S, 1, keepdim=True)
+            vals, idx = torch.topk(S, self.k, dim=1)
+        else:
+            vals, idx = self._merged(S)
+            lse = self._lse(S)
         self.ids[chunk.start : chunk.stop] = idx
         self.lps[chunk.start : chunk.stop] = (vals - lse).float()
         return False
 
+    def _merged(self, S: Tensor) -> tuple[Tensor, Tensor]:
+        """The global top-k of the row from every rank's local top-min(k, V_r) (ids global)."""
+        shard, c = self.shard, S.shape[0]
+        kl = min(self.k, S.shape[1])
+        vals = torch.full((c, self.k), -float("inf"), dtype=S.dtype, device=S.device)
+        ids = torch.full((c, self.k), -1, dtype=torch.int64, device=S.device)
+        v, i = torch.topk(S, kl, dim=1)
+        vals[:, :kl], ids[:, :kl] = v, i + shard.offset
+        cand_v, cand_i = torch.cat(shard.all_gather(vals), 1), torch.cat(shard.all_gather(ids), 1)
+        # padding slots (id -1) rank below every real column, -inf logits included
+        rank = torch.where(cand_i >= 0, torch.where(cand_v.isneginf(), torch.finfo(cand_v.dtype).min, cand_v),
+                           -float("inf"))
+        _, pos = torch.topk(rank, self.k, dim=1, sorted=True)
+        return cand_v.gather(1, pos), cand_i.gather(1, pos)
+
+    def _lse(self, S: Tensor) -> Tensor:
+        """Row log-sum-exp over the full vocabulary, [C, 1]."""
+        from ._epilogue_torch import row_sumexp
+
+        m = self.shard.max_(S.max(1).values)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        s = self.shard.sum_(row_sumexp(S - m[:, None]))
+        return (m + s.log())[:, None]
+
 
 @torch.no_grad()
-def chunked_topk(head: Head, k: int, temperature: float, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+def chunked_topk(head: Head, k: int, temperature: float, chunk_size: int | None,
+                 shard: VocabShard | None = None) -> tuple[Tensor, Tensor]:
     """Top-k token ids and their log-probs under softmax(z/T) over the full vocabulary, chunk by chunk."""
     n, device = head.hidden.shape[0], head.hidden.device
     acc = accumulation_dtype(head.hidden, head.weight)
-    step = _TopK(n, k, temperature, device)
+    step = _TopK(n, k, temperature, device, shard)
     rows = chunk_size or default_chunk_rows(device, 1, head.vocab, n)
     _engine.run(_engine.row_chunks(n, rows), head, step, acc_dtype=acc)
     return step.ids, step.lps

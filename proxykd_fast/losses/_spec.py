@@ -7,7 +7,10 @@ them. Nothing here imports Triton, so CPU-only installs can use the contracts.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,6 +45,7 @@ class LossSpec:
     """Non-tensor options of one fused loss call, after validation."""
 
     alpha: float = 0.0
+    nll_weight: float = 1.0  # weight of the NLL term (0: KD alone, no label-logit work)
     temperature: float = 1.0
     divergence: str | None = None  # None: plain NLL (cross-entropy), no distillation term
     offline: bool = False  # the divergence is forward KL against stored top-k targets
@@ -51,6 +55,7 @@ class LossSpec:
     denominator: float = 1.0
     chunk_size: int | None = None
     logit_scale: float = 1.0  # CE mode only: the NLL of softmax(logit_scale * z) (tempered log-probs)
+    shard: Any = None  # _vocab_parallel.VocabShard: the head's rows are this rank's shard of the vocabulary
 
     @property
     def mode(self) -> str:
@@ -101,3 +106,27 @@ class EpilogueArgs:
 def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
     """fp64 when any operand is fp64, else fp32: the dtype logits chunks and dW accumulate in."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+SECOND_ORDER_ERROR = (
+    "proxykd_fast's fused losses are not twice differentiable: their gradients come from the fused "
+    "kernels, not from autograd, so create_graph=True (double backward, Hessian-vector products) would "
+    "be wrong. Use backend='reference' for higher-order derivatives."
+)
+
+
+def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark an autograd.Function backward as first-order: refuse create_graph=True with a clear error.
+
+    torch's once_differentiable only fails once the second derivative is run, and not at all where
+    autograd.grad finds no path to the inputs; refusing at the first backward is unambiguous.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: Any) -> Any:
+        if torch.is_grad_enabled():  # autograd runs a backward in grad mode only under create_graph=True
+            raise RuntimeError(SECOND_ORDER_ERROR)
+        with torch.no_grad():
+            return backward(ctx, *grads)
+
+    return wrapper

@@ -20,7 +20,8 @@ from proxykd_fast.ops.linear_grad import GradTerms, tile_grad
 from proxykd_fast.ops.linear_lse import row_lse
 from proxykd_fast.ops.linear_topk import MAX_STREAMING_K, streaming_topk
 
-from ._spec import Head, KDBatch, LossSpec
+from ._engine import kept_rows
+from ._spec import Head, KDBatch, LossSpec, first_order_only
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class TileFusedKD(torch.autograd.Function):
     """NLL (+ offline top-k forward KL) with tile-fused kernels; returns (loss, nll_sum, kd_sum)."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, labels, ids, lps, row_weight, spec, options):  # noqa: ANN001, ANN205, D102
+    def forward(ctx, hs, ws, bs, labels, ids, lps, row_weight, spec, options):
         x, w = _operands(hs, ws)
         n = x.shape[0]
         T = spec.temperature
@@ -81,7 +82,7 @@ class TileFusedKD(torch.autograd.Function):
             lse2, z = None, torch.zeros(0, cols.shape[1], device=x.device)
         validf = valid.float()
         nll = (lse1 - z[:, 0]) * validf
-        rows = nll
+        rows = nll if spec.nll_weight == 1.0 else spec.nll_weight * nll
         kd_sum = torch.zeros((), device=x.device, dtype=torch.float64)
         p = mass = kd_w = None
         if offline:
@@ -91,7 +92,7 @@ class TileFusedKD(torch.autograd.Function):
             kd_w = validf * spec.alpha
             if row_weight is not None:
                 kd_w = kd_w * row_weight.float()
-            rows = nll + kd_w * kd
+            rows = rows + kd_w * kd
             kd_sum = kd.sum(dtype=torch.float64)
         ctx.spec, ctx.options, ctx.two = spec, options, two
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
@@ -104,14 +105,16 @@ class TileFusedKD(torch.autograd.Function):
         return loss, nll_sum, kd_sum
 
     @staticmethod
-    def backward(ctx, grad_loss, _g_nll, _g_kd):  # noqa: ANN001, ANN205, D102
+    @first_order_only
+    def backward(ctx, grad_loss, _g_nll, _g_kd):
         x, w, bs, lse1, lse2, cols, validf, p, mass, kd_w = ctx.saved_tensors
         spec, T = ctx.spec, ctx.spec.temperature
-        c_nll = _row_grad(grad_loss, spec, x.shape[0]) * validf
+        c_row = _row_grad(grad_loss, spec, x.shape[0]) * validf
+        c_nll = c_row if spec.nll_weight == 1.0 else c_row * spec.nll_weight
         coef_a, coef_b = c_nll, None
         sp_coef = -c_nll[:, None]
         if p is not None:
-            c_t = c_nll * kd_w * T  # d(T^2 KL)/dz = T (mass q_T - sum_k p_k onehot(id_k))
+            c_t = c_row * kd_w * T  # d(T^2 KL)/dz = T (mass q_T - sum_k p_k onehot(id_k))
             if ctx.two:
                 coef_b = c_t * mass
             else:
@@ -126,7 +129,7 @@ class TileFusedLogProbs(torch.autograd.Function):
     """Per-token log softmax(z/T)[y] with tile-fused kernels; differentiable."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, options):  # noqa: ANN001, ANN205, D102
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, options):
         x, w = _operands(hidden, weight)
         valid = labels != ignore_index
         y = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
@@ -141,7 +144,8 @@ class TileFusedLogProbs(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205, D102
+    @first_order_only
+    def backward(ctx, grad_out):
         x, w, bias, lse, y, valid = ctx.saved_tensors
         c = grad_out.reshape(-1).float() * valid / ctx.temperature  # d logp_y/dz = (onehot - q_T) / T
         terms = GradTerms(lse, -c, y, c[:, None], 1.0 / ctx.temperature)
@@ -160,19 +164,38 @@ class TileFused:
     options: TileFusedOptions = TileFusedOptions()
 
     def kd(self, batch: KDBatch, spec: LossSpec) -> tuple[Tensor, Tensor, Tensor] | None:
-        """CE and offline top-k KD; None for an online proxy (two heads: the chunk engine's job)."""
+        """CE and offline top-k KD over the non-ignored rows; None for an online proxy (two heads: the
+        chunk engine's job) and for a batch without any valid row (the engine's empty pass)."""
         if not self.kd_and_log_probs or batch.proxy is not None:
             return None
+        idx = kept_rows(batch.labels != spec.ignore_index)
+        if (batch.labels.numel() if idx is None else idx.numel()) == 0:
+            return None
         s = batch.student
-        return TileFusedKD.apply(s.hidden, s.weight, s.bias, batch.labels, batch.topk_ids, batch.topk_logprobs,
-                                 batch.row_weight, spec, self.options)
+
+        def take(t: Tensor | None) -> Tensor | None:  # ignored rows (NaN padding included) never enter a tile
+            return t if t is None or idx is None else t.index_select(0, idx)
+
+        rows, nll_sum, kd_sum = TileFusedKD.apply(take(s.hidden), s.weight, s.bias, take(batch.labels),
+                                                  take(batch.topk_ids), take(batch.topk_logprobs),
+                                                  take(batch.row_weight), spec, self.options)
+        if spec.reduction == "none" and idx is not None:
+            rows = rows.new_zeros(batch.labels.shape[0]).index_copy(0, idx, rows)
+        return rows, nll_sum, kd_sum
 
     def log_probs(self, head: Head, labels: Tensor, temperature: float, ignore_index: int) -> Tensor | None:
-        """Per-token tempered log-probs (no chunks at all)."""
+        """Per-token tempered log-probs over the non-ignored rows (no chunks at all); 0 on ignored rows."""
         if not self.kd_and_log_probs:
             return None
-        return TileFusedLogProbs.apply(head.hidden, head.weight, head.bias, labels, temperature, ignore_index,
-                                       self.options)
+        idx = kept_rows(labels != ignore_index)
+        if (labels.numel() if idx is None else idx.numel()) == 0:
+            return None
+        if idx is None:
+            return TileFusedLogProbs.apply(head.hidden, head.weight, head.bias, labels, temperature, ignore_index,
+                                           self.options)
+        out = TileFusedLogProbs.apply(head.hidden.index_select(0, idx), head.weight, head.bias,
+                                      labels.index_select(0, idx), temperature, ignore_index, self.options)
+        return out.new_zeros(labels.shape[0]).index_copy(0, idx, out)
 
     def topk(self, head: Head, k: int, temperature: float) -> tuple[Tensor, Tensor] | None:
         """The streaming top-k for 1 <= k <= 64 over at least one row."""

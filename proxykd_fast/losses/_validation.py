@@ -9,22 +9,81 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy
 import torch
 from torch import Tensor
 
 from ._spec import DIVERGENCES, REDUCTIONS, Head, KDBatch, LossSpec
+from ._vocab_parallel import VocabShard, check_same_on_every_rank, compute_dtype, gather_dtensor, make_shard
+
+# Above this, T^2 * KD loses its fp32 precision to cancellation (the error grows like T^2 * eps *
+# |log q|: ~1e-2 absolute at T=100); distillation uses T in [0.5, 10].
+MAX_KD_TEMPERATURE = 100.0
+
+
+def _scalar(name: str, value: object, kind: str) -> object:
+    """A 0-dim tensor's Python value (refusing other tensors and bools); other values pass through."""
+    if isinstance(value, Tensor):
+        integral = not (value.is_floating_point() or value.is_complex())
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex() or (kind == "an int" and not integral):
+            raise TypeError(f"{name} must be {kind} or a 0-dim tensor of one, got a tensor of shape "
+                            f"{list(value.shape)} and dtype {value.dtype}")
+        return value.item()
+    return value
+
+
+def check_real(name: str, value: object, *, low: float | None = None, low_open: bool = False,
+               high: float | None = None, high_open: bool = False) -> float:
+    """A finite real number (int, float, numpy scalar or 0-dim tensor; not a bool or a string) in range."""
+    value = _scalar(name, value, "a real number")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    bad = not math.isfinite(v)
+    if low is not None:
+        bad = bad or (v <= low if low_open else v < low)
+    if high is not None:
+        bad = bad or (v >= high if high_open else v > high)
+    if bad:
+        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+        hi = "" if high is None else (f"< {high}" if high_open else f"<= {high}")
+        bound = " and ".join(b for b in (lo, hi) if b)
+        raise ValueError(f"{name} must be a finite number{' ' + bound if bound else ''}, got {value}")
+    return v
+
+
+def check_int(name: str, value: object, *, low: int | None = None) -> int:
+    """An integer (int, numpy integer or 0-dim integer tensor; not a bool, float or string), >= low."""
+    value = _scalar(name, value, "an int")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    v = int(value)
+    if low is not None and v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v}")
+    return v
+
+
+def check_flag(name: str, value: object) -> bool:
+    """A bool (numpy bools included), not a string or a number."""
+    if not isinstance(value, (bool, numpy.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def check_floating(name: str, t: Tensor) -> None:
-    """Require a floating-point tensor (fp16, bf16, fp32 or fp64)."""
+    """Require a floating-point tensor (fp16, bf16, fp32 or fp64) on a real device."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (fp32/bf16/fp16/fp64), got {t.dtype}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (no data); materialize it on a real device first")
 
 
 def check_device(name: str, t: Tensor | None, device: torch.device) -> None:
-    """Require `t` to live on `device` (the student hidden's device)."""
+    """Require `t` (a tensor) to live on `device` (the student hidden's device)."""
+    if t is not None and not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but student hidden is on {device}; move all inputs to one device")
 
@@ -34,6 +93,8 @@ def flatten_hidden(name: str, hidden: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     check_floating(name, hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"{name} must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"{name} has hidden size 0 (shape {tuple(hidden.shape)}); expected H >= 1")
     lead = tuple(hidden.shape[:-1])
     return hidden.reshape(-1, hidden.shape[-1]), lead
 
@@ -66,6 +127,7 @@ def check_labels(labels: Tensor, lead: tuple[int, ...], vocab: int, ignore_index
     """Require integer labels shaped like hidden's leading dims, each in [0, V) or ignore_index."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    ignore_index = check_int("ignore_index", ignore_index)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
     if tuple(labels.shape) != lead:
@@ -81,28 +143,22 @@ def check_labels(labels: Tensor, lead: tuple[int, ...], vocab: int, ignore_index
     return flat
 
 
-def check_temperature(temperature: float) -> float:
-    """Require a finite, strictly positive temperature."""
-    t = float(temperature)
-    if not math.isfinite(t) or t <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+def check_temperature(temperature: float, name: str = "temperature", high: float | None = None) -> float:
+    """Require a finite, strictly positive temperature (at most `high` when given)."""
+    t = check_real(name, temperature, low=0.0, low_open=True, high=high)
     return t
 
 
 def check_reduction(reduction: str) -> str:
     """Require one of mean / sum / none."""
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
 
 
 def check_chunk_size(chunk_size: int | None) -> int | None:
     """Require a positive integer chunk size when given."""
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
+    return None if chunk_size is None else check_int("chunk_size", chunk_size, low=1)
 
 
 def resolve_denominator(
@@ -115,21 +171,15 @@ def resolve_denominator(
     """
     value = None
     if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError(
-                    f"num_items_in_batch must be a scalar (one element), got a tensor of shape "
-                    f"{list(num_items_in_batch.shape)}"
-                )
-            value = float(num_items_in_batch.detach().reshape(()).item())
-        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
-            raise TypeError(
-                f"num_items_in_batch must be an int, float or scalar tensor, got {type(num_items_in_batch).__name__}"
-            )
-        else:
-            value = float(num_items_in_batch)
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch}")
+        n = num_items_in_batch
+        if isinstance(n, Tensor):
+            if n.numel() != 1:
+                raise ValueError(f"num_items_in_batch must be a scalar (one element), got a tensor of shape "
+                                 f"{list(n.shape)}")
+            n = n.detach().reshape(())
+        if isinstance(n, bool) or not isinstance(n, (numbers.Real, Tensor)):
+            raise TypeError(f"num_items_in_batch must be an int, float or scalar tensor, got {type(n).__name__}")
+        value = check_real("num_items_in_batch", n, low=0.0, low_open=True)
     if reduction != "mean":
         return 1.0
     return float(max(n_valid, 1)) if value is None else value
@@ -171,10 +221,40 @@ def prepare_head(hidden_name: str, hidden: Tensor, weight_name: str, weight: Ten
     return Head(flat, weight, bias), lead
 
 
-def prepare_labels(labels: Tensor, head: Head, lead: tuple[int, ...], ignore_index: int) -> Tensor:
-    """Validated flat int64 labels on the head's device."""
+def prepare_labels(labels: Tensor, head: Head, lead: tuple[int, ...], ignore_index: int,
+                   shard: VocabShard | None = None) -> Tensor:
+    """Validated flat int64 labels on the head's device, global vocabulary ids under a vocab shard."""
     check_device("labels", labels, head.hidden.device)
-    return check_labels(labels, lead, head.vocab, ignore_index)
+    flat = check_labels(labels, lead, head.vocab if shard is None else shard.vocab, ignore_index)
+    if shard is not None:
+        check_same_on_every_rank(shard, "labels", flat)
+    return flat
+
+
+def prepare_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+                 group: object, *, sequences: bool = False) -> tuple[Head, tuple[int, ...], Tensor, VocabShard | None]:
+    """Validate one head and its labels: (flat head, lead shape, flat labels, vocab shard or None).
+
+    A DTensor weight / bias is gathered first (gather_dtensor); `sequences` requires [rows, T, H].
+    """
+    dtype = compute_dtype(hidden)
+    weight, bias = gather_dtensor(weight, dtype), gather_dtensor(bias, dtype)
+    if sequences:
+        check_floating("hidden", hidden)
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must be [rows, T, H] (one row per sequence), got shape {tuple(hidden.shape)}")
+    head, lead = prepare_head("hidden", hidden, "weight", weight, "bias", bias)
+    shard = prepare_shard(group, head)
+    return head, lead, prepare_labels(labels, head, lead, ignore_index, shard), shard
+
+
+def prepare_shard(group: object, head: Head) -> VocabShard | None:
+    """The vocab shard of this rank when a vocab-parallel group is given (its hidden must be every rank's)."""
+    if group is None:
+        return None
+    shard = make_shard(group, head.vocab, head.hidden.device)
+    check_same_on_every_rank(shard, "hidden", head.hidden.detach())
+    return shard
 
 
 def _n_valid(flat_labels: Tensor, ignore_index: int) -> int:
@@ -183,14 +263,14 @@ def _n_valid(flat_labels: Tensor, ignore_index: int) -> int:
 
 
 def prepare_ce(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None, ignore_index: int,
-               reduction: str, num_items_in_batch: int | float | Tensor | None,
-               chunk_size: int | None) -> tuple[KDBatch, LossSpec]:
+               reduction: str, num_items_in_batch: int | float | Tensor | None, chunk_size: int | None,
+               vocab_parallel_group: object = None) -> tuple[KDBatch, LossSpec]:
     """Validate a fused cross-entropy call and return the flattened batch plus options."""
-    head, lead = prepare_head("hidden", hidden, "weight", weight, "bias", bias)
-    flat_labels = prepare_labels(labels, head, lead, ignore_index)
+    head, lead, flat_labels, shard = prepare_rows(hidden, weight, bias, labels, ignore_index, vocab_parallel_group)
     reduction = check_reduction(reduction)
     spec = LossSpec(ignore_index=int(ignore_index), reduction=reduction, chunk_size=check_chunk_size(chunk_size),
-                    denominator=resolve_denominator(reduction, num_items_in_batch, _n_valid(flat_labels, ignore_index)))
+                    denominator=resolve_denominator(reduction, num_items_in_batch, _n_valid(flat_labels, ignore_index)),
+                    shard=shard)
     return KDBatch(head, flat_labels, lead_shape=lead), spec
 
 
@@ -270,21 +350,26 @@ def prepare_kd(
     student_bias: Tensor | None,
     proxy_bias: Tensor | None,
     chunk_size: int | None,
+    nll_weight: float = 1.0,
+    vocab_parallel_group: object = None,
 ) -> tuple[KDBatch, LossSpec]:
     """Validate a fused NLL + KD call (`proxy_kd_loss`'s arguments) and return the flat batch plus options."""
     student, lead = prepare_head("student_hidden", student_hidden, "student_weight", student_weight,
                                  "student_bias", student_bias)
     device = student.hidden.device
-    flat_labels = prepare_labels(labels, student, lead, ignore_index)
+    shard = prepare_shard(vocab_parallel_group, student)
+    flat_labels = prepare_labels(labels, student, lead, ignore_index, shard)
     reduction = check_reduction(reduction)
     chunk_size = check_chunk_size(chunk_size)
-    if divergence not in DIVERGENCES:
+    if divergence is None:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got None; for plain NLL without a proxy use "
+                         "linear_cross_entropy, for KD alone nll_weight=0")
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    alpha = float(alpha)
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
-    temperature = check_temperature(temperature)
-    jsd_beta = float(jsd_beta)
+    alpha = check_real("alpha", alpha, low=0.0)
+    nll_weight = check_real("nll_weight", nll_weight, low=0.0)
+    temperature = check_temperature(temperature, high=MAX_KD_TEMPERATURE)
+    jsd_beta = check_real("jsd_beta", jsd_beta)
     if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
         raise ValueError(
             f"jsd_beta must be in (0, 1) for divergence='jsd', got {jsd_beta}; "
@@ -306,11 +391,12 @@ def prepare_kd(
     if online:
         proxy = _online_proxy(proxy_hidden, proxy_weight, proxy_bias, lead, student.vocab, device)
     else:
-        ids, lps = _offline_targets(proxy_topk_ids, proxy_topk_logprobs, divergence, proxy_bias, lead, student.vocab,
-                                    device)
+        ids, lps = _offline_targets(proxy_topk_ids, proxy_topk_logprobs, divergence, proxy_bias, lead,
+                                    student.vocab if shard is None else shard.vocab, device)
     batch = KDBatch(student, flat_labels, proxy, ids, lps, expand_sample_weight(sample_weight, lead, device), lead)
     spec = LossSpec(
         alpha=alpha,
+        nll_weight=nll_weight,
         temperature=temperature,
         divergence=divergence,
         offline=offline,
@@ -319,5 +405,6 @@ def prepare_kd(
         reduction=reduction,
         denominator=resolve_denominator(reduction, num_items_in_batch, _n_valid(flat_labels, ignore_index)),
         chunk_size=chunk_size,
+        shard=shard,
     )
     return batch, spec

@@ -21,6 +21,7 @@ from . import _rows
 from ._gemm import default_chunk_rows
 from ._preference import Objective, PairPlan, TokenRows, plan_pairs, sequence_loss, token_pass
 from ._spec import Head, KDBatch, LossSpec, accumulation_dtype
+from ._vocab_parallel import VocabShard
 
 BACKENDS = ("auto", "reference", "torch", "triton", "triton-chunked", "triton-fused", "cuda")
 
@@ -54,18 +55,28 @@ class Backend:
         return _rows.fused_kd(batch, spec, self.row_epilogue)
 
     def log_probs(self, head: Head, labels: Tensor, temperature: float, ignore_index: int,
-                  chunk_size: int | None) -> Tensor:
+                  chunk_size: int | None, shard: VocabShard | None = None) -> Tensor:
         """Per-token log softmax(z/T)[label], 0 on ignored rows; differentiable."""
         if self.tile_fused is not None and (out := self.tile_fused.log_probs(head, labels, temperature,
                                                                              ignore_index)) is not None:
             return out
-        return _rows.fused_log_probs(head, labels, temperature, ignore_index, chunk_size, self.row_epilogue)
+        return _rows.fused_log_probs(head, labels, temperature, ignore_index, chunk_size, self.row_epilogue, shard)
 
-    def topk(self, head: Head, k: int, temperature: float, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+    def log_probs_entropy(self, head: Head, labels: Tensor, temperature: float, ignore_index: int,
+                          chunk_size: int | None, shard: VocabShard | None = None) -> tuple[Tensor, Tensor]:
+        """Per-token log-probs and entropies of softmax(z/T), 0 on ignored rows; both differentiable.
+
+        Every chunked backend runs the torch step of the engine for it (two [C, V] buffers per chunk).
+        """
+        return _rows.FusedLogProbsEntropy.apply(head.hidden, head.weight, head.bias, labels, temperature,
+                                                ignore_index, chunk_size, shard)
+
+    def topk(self, head: Head, k: int, temperature: float, chunk_size: int | None,
+             shard: VocabShard | None = None) -> tuple[Tensor, Tensor]:
         """Top-k ids and log-probs of softmax(z/T) over the full vocabulary (no grad)."""
         if self.tile_fused is not None and (out := self.tile_fused.topk(head, k, temperature)) is not None:
             return out
-        return _rows.chunked_topk(head, k, temperature, chunk_size)
+        return _rows.chunked_topk(head, k, temperature, chunk_size, shard)
 
     def sequence_plan(self, flat_labels: Tensor, lead: tuple[int, int], ignore_index: int, chunk_size: int | None,
                       n_tokens: int, vocab: int) -> PairPlan | None:
@@ -76,25 +87,33 @@ class Backend:
         return plan_pairs(flat_labels, lead, ignore_index, rows)
 
     def sequence_sums(self, head: Head, flat_labels: Tensor, plan: PairPlan | None, lead: tuple[int, int],
-                      ignore_index: int, chunk_size: int | None) -> Tensor:
+                      ignore_index: int, chunk_size: int | None, shard: VocabShard | None = None) -> Tensor:
         """Per-row token log-prob sums [rows] in fp64, forward only (a reference model's pass)."""
         if self.token_rows is not None and plan is not None:
-            return token_pass(head.detached(), plan, self.token_rows, None, False, False, False)[0]
+            return token_pass(head.detached(), plan, self.token_rows, None, False, False, False, shard)[0]
         with torch.no_grad():
-            return token_sums(self, head.detached(), flat_labels, lead, 1.0, ignore_index, chunk_size)[0]
+            return token_sums(self, head.detached(), flat_labels, lead, 1.0, ignore_index, chunk_size, shard)[0]
 
     def sequence_loss(self, head: Head, flat_labels: Tensor, plan: PairPlan | None, lead: tuple[int, int],
-                      ignore_index: int, chunk_size: int | None, obj: Objective,
-                      out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                      ignore_index: int, chunk_size: int | None, obj: Objective, out_dtype: torch.dtype,
+                      shard: VocabShard | None = None) -> tuple[Tensor, Tensor]:
         """(loss, detached row sums) of a sequence objective: token-chunked where the backend has token rows."""
         if self.token_rows is not None and plan is not None:
-            return sequence_loss(head, plan, self.token_rows, obj, out_dtype)
-        sums, _ = token_sums(self, head, flat_labels, lead, 1.0, ignore_index, chunk_size)
+            return sequence_loss(head, plan, self.token_rows, obj, out_dtype, shard)
+        sums, _ = token_sums(self, head, flat_labels, lead, 1.0, ignore_index, chunk_size, shard)
         return obj.total(sums).to(out_dtype), sums.detach()
+
+    def vocab_parallel(self, shard: VocabShard) -> Backend:
+        """This backend for weights sharded by vocabulary rows: the chunk engine with the torch epilogue,
+        whose row statistics are all-reduced (the Triton / CUDA row kernels and the tile-fused strategy
+        finish a row in one launch, before the other ranks' statistics could be known)."""
+        from ._epilogue_torch import TorchEpilogue, TorchTokenRows
+
+        return Backend(self.name, TorchEpilogue(), TorchTokenRows(shard), None, self.unavailable, fp64=True)
 
 
 def token_sums(backend: Backend, head: Head, flat_labels: Tensor, lead: tuple[int, int], temperature: float,
-               ignore_index: int, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+               ignore_index: int, chunk_size: int | None, shard: VocabShard | None = None) -> tuple[Tensor, Tensor]:
     """(per-row sum of token log-probs in fp64, per-row count of non-ignored tokens); differentiable.
 
     Only the non-ignored tokens are gathered and sent through `backend.log_probs`.
@@ -105,7 +124,7 @@ def token_sums(backend: Backend, head: Head, flat_labels: Tensor, lead: tuple[in
     every = idx.numel() == flat_labels.numel()  # nothing to skip: no gathered copy
     gathered = head if every else Head(head.hidden.index_select(0, idx), head.weight, head.bias)
     lp = backend.log_probs(gathered, flat_labels if every else flat_labels.index_select(0, idx), temperature,
-                           ignore_index, chunk_size)
+                           ignore_index, chunk_size, shard)
     sums = torch.zeros(rows, dtype=torch.float64, device=head.hidden.device).index_add(0, row_of, lp.double())
     return sums, torch.bincount(row_of, minlength=rows)
 
@@ -113,18 +132,29 @@ def token_sums(backend: Backend, head: Head, flat_labels: Tensor, lead: tuple[in
 class ReferenceBackend(Backend):
     """The materializing oracle: full logits and autograd (see reference.py)."""
 
-    def kd(self, batch: KDBatch, spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
+    def vocab_parallel(self, shard: VocabShard) -> Backend:
+        raise ValueError("backend='reference' materializes the full logits and does not take vocab_parallel_group; "
+                         "use backend='torch' (or 'auto') with a sharded head")
+
+    def kd(self, batch: KDBatch, spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:
         from .reference import reference_kd
 
         return reference_kd(batch, spec)
 
-    def log_probs(self, head: Head, labels: Tensor, temperature: float, ignore_index: int,  # noqa: D102
-                  chunk_size: int | None) -> Tensor:
+    def log_probs(self, head: Head, labels: Tensor, temperature: float, ignore_index: int,
+                  chunk_size: int | None, shard: VocabShard | None = None) -> Tensor:
         from .reference import reference_log_probs
 
         return reference_log_probs(head.hidden, head.weight, head.bias, labels, temperature, ignore_index)
 
-    def topk(self, head: Head, k: int, temperature: float, chunk_size: int | None) -> tuple[Tensor, Tensor]:  # noqa: D102
+    def log_probs_entropy(self, head: Head, labels: Tensor, temperature: float, ignore_index: int,
+                          chunk_size: int | None, shard: VocabShard | None = None) -> tuple[Tensor, Tensor]:
+        from .reference import reference_log_probs_entropy
+
+        return reference_log_probs_entropy(head.hidden, head.weight, head.bias, labels, temperature, ignore_index)
+
+    def topk(self, head: Head, k: int, temperature: float, chunk_size: int | None,
+             shard: VocabShard | None = None) -> tuple[Tensor, Tensor]:
         from .reference import reference_topk
 
         return reference_topk(head.hidden, head.weight, head.bias, k, temperature)
@@ -192,11 +222,13 @@ def _load(name: str) -> Backend | str:
     return _LOADED[name]
 
 
-def resolve(backend: str | Backend, device: torch.device, *tensors: Tensor | None) -> Backend:
+def resolve(backend: str | Backend, device: torch.device, *tensors: Tensor | None,
+            shard: VocabShard | None = None) -> Backend:
     """The Backend for `backend` on `device` (a clear ValueError if it cannot run there).
 
     'auto' is 'triton' on CUDA where it works, else 'torch'. When any of `tensors` is fp64 the
-    torch backend runs instead of a Triton or CUDA one (their kernels accumulate in fp32).
+    torch backend runs instead of a Triton or CUDA one (their kernels accumulate in fp32). With a
+    vocab `shard`, the backend's vocab-parallel form.
     """
     if isinstance(backend, Backend):
         chosen = backend
@@ -214,8 +246,8 @@ def resolve(backend: str | Backend, device: torch.device, *tensors: Tensor | Non
     if why:
         raise ValueError(f"backend={chosen.name!r} is not available: {why}")
     if not chosen.fp64 and accumulation_dtype(*tensors) == torch.float64:
-        return _load("torch")
-    return chosen
+        chosen = _load("torch")
+    return chosen if shard is None else chosen.vocab_parallel(shard)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

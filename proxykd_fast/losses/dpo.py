@@ -6,8 +6,8 @@ chosen sequences, then the B rejected ones (TRL / Liger stacking); `labels` [2B,
 shifted, with prompts and padding set to `ignore_index`.
 
 Notation: pi_c, pi_r are the policy's sequence log-probs of the chosen / rejected completion
-(sums of token log-probs, or means with `average_log_prob=True`), ref_c, ref_r the reference's,
-and h = (pi_c - ref_c) - (pi_r - ref_r). Per-pair losses l_b (TRL's DPOTrainer conventions):
+(sums of token log-probs, or per-token means with `average_log_prob=True`), ref_c, ref_r the
+reference's on the same scale, and h = (pi_c - ref_c) - (pi_r - ref_r). Per-pair losses l_b:
 
     sigmoid   -(1-ls) logsigmoid(beta h) - ls logsigmoid(-beta h)        (DPO; ls > 0: cDPO)
     robust    [-(1-ls) logsigmoid(beta h) + ls logsigmoid(-beta h)] / (1 - 2 ls)   (Chowdhury et al.)
@@ -18,10 +18,18 @@ and h = (pi_c - ref_c) - (pi_r - ref_r). Per-pair losses l_b (TRL's DPOTrainer c
     loss = sum_b w_b l_b / B + nll_alpha * (-sum of chosen token log-probs) / (number of chosen tokens)
 
 With `sample_weight=None` (w = 1) the first term is the plain mean over pairs. Like TRL, `ipo`
-always length-normalizes (mean token log-prob per sequence) whatever `average_log_prob` says;
-precomputed `ref_logps` must be on the same scale as the policy's (sums, or means for `ipo` /
-`average_log_prob=True`), e.g. from `sequence_log_probs(..., average=...)`. A sequence without
-any completion token has log-prob 0 (sum or mean); NLL over zero chosen tokens is 0.
+always length-normalizes (mean token log-prob per sequence) whatever `average_log_prob` says.
+These are TRL 1.16's DPOTrainer formulas, with one documented difference: TRL applies
+`label_smoothing` to robust (and EXO) only, while here `sigmoid` with label_smoothing > 0 is
+conservative DPO (cDPO, Mitchell 2023), as in TRL before 1.0 and in Liger.
+
+Precomputed `ref_logps` are always **summed** token log-probs over each row's completion tokens
+(TRL's `ref_chosen_logps` / `ref_rejected_logps`, `sequence_log_probs`' default): the loss
+knows the token counts from the labels and normalizes the reference itself where it must (ipo,
+`average_log_prob=True`). A sequence without any completion token has log-prob 0; NLL over zero
+chosen tokens is 0. Metrics (detached, under TRL's names) are on TRL's scale: rewards/* =
+beta * (sum log-ratio) and logps/* = summed log-probs, for ipo too; with `average_log_prob=True`
+they are per-token means instead, the scale that loss then uses (Liger's convention).
 
 How it runs: see _preference.py. On backends with per-token steps (torch, cuda, triton,
 triton-chunked) the non-ignored tokens are laid out pair by pair and chunked by tokens, so peak
@@ -32,7 +40,6 @@ even per chunk) differentiate `linear_log_probs` on the gathered tokens instead.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +47,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._spec import Head
-from ._validation import check_chunk_size, check_device, check_floating, check_labels
+from ._validation import (
+    check_chunk_size,
+    check_device,
+    check_flag,
+    check_floating,
+    check_real,
+    prepare_rows,
+)
+from ._vocab_parallel import ProcessGroup, compute_dtype, gather_dtensor
 from .backends import Backend, resolve
 from .sequence import check_sequence_head, output_dtype
 
@@ -77,21 +92,20 @@ class _Objective:
     nll_alpha: float
     average: bool
     n_pairs: int
-    ref: Tensor  # [2B] fp64 reference log-probs (on the policy's scale)
+    ref: Tensor  # [2B] fp64 summed reference log-probs
     weight: Tensor | None  # [B] fp64 pair weights
     denom: Tensor  # [2B] fp64 per-row divisor: token counts (>= 1) when averaging, else ones
     n_chosen: int  # chosen tokens in the whole batch
 
-    def logps(self, sums: Tensor) -> Tensor:
-        """Sequence log-probs on the loss's scale (sums, or means when averaging)."""
-        return sums / self.denom if self.average else sums
 
     def pair_terms(self, sum_c: Tensor, sum_r: Tensor, p0: int, p1: int) -> Tensor:
         """w_b l_b / B for pairs p0..p1-1 given their chosen / rejected token log-prob sums."""
         b = self.n_pairs
+        ref_c, ref_r = self.ref[p0:p1], self.ref[b + p0 : b + p1]
         if self.average:
-            sum_c, sum_r = sum_c / self.denom[p0:p1], sum_r / self.denom[b + p0 : b + p1]
-        lc, lr = sum_c - self.ref[p0:p1], sum_r - self.ref[b + p0 : b + p1]
+            d_c, d_r = self.denom[p0:p1], self.denom[b + p0 : b + p1]
+            sum_c, sum_r, ref_c, ref_r = sum_c / d_c, sum_r / d_r, ref_c / d_c, ref_r / d_r
+        lc, lr = sum_c - ref_c, sum_r - ref_r
         losses = pair_losses(lc, lr, self.beta, self.loss_type, self.label_smoothing)
         if self.weight is not None:
             losses = losses * self.weight[p0:p1]
@@ -118,20 +132,6 @@ class _Objective:
             gc, gr = torch.autograd.grad(self.pair_terms(sc, sr, p0, p1).sum(), (sc, sr))
         out[p0:p1] = gc - self.nll_alpha / max(self.n_chosen, 1)
         out[b + p0 : b + p1] = gr
-
-
-def _check_number(name: str, value: float, *, low: float, low_open: bool, high: float = math.inf) -> float:
-    """A finite float in the given range, else a ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    v = float(value)
-    too_low = v <= low if low_open else v < low
-    if not math.isfinite(v) or too_low or v >= high:
-        bound = f"> {low}" if low_open else f">= {low}"
-        if high != math.inf:
-            bound = f"in [{low}, {high})"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
-    return v
 
 
 def _check_pair_vector(name: str, t: Tensor, length: int, what: str, device: torch.device) -> Tensor:
@@ -165,6 +165,7 @@ def dpo_loss(
     ref_bias: Tensor | None = None,
     chunk_size: int | None = None,
     backend: str | Backend = "auto",
+    vocab_parallel_group: ProcessGroup | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO-family loss (+ nll_alpha * chosen NLL) of a linear head, chunked by tokens; returns (loss, metrics).
 
@@ -173,34 +174,37 @@ def dpo_loss(
     `ref_weight` [V, Hr] (no gradient). `sample_weight` [B] weights pairs: sum_b w_b l_b / B.
     `chunk_size` is tokens per logits chunk. Formulas, scales and metrics: see the module doc;
     metrics are detached scalars (fp32; fp64 for fp64 inputs) under TRL's names (rewards/*, logps/*, nll).
+    `vocab_parallel_group`: weight (bias, ref_weight, ref_bias) are this rank's rows of the head, as in
+    proxykd_fast.losses.functional; the loss and metrics are the same on every rank.
     """
-    flat, lead, vocab = check_sequence_head("hidden", hidden, "weight", weight, "bias", bias)
-    device = flat.device
-    n_rows = lead[0]
+    n_rows = hidden.shape[0] if isinstance(hidden, Tensor) and hidden.dim() == 3 else 2
     if n_rows == 0 or n_rows % 2:
         raise ValueError(
             f"hidden must stack B chosen rows then B rejected rows (an even, nonzero number of rows), got {n_rows}"
         )
+    head, lead, flat_labels, shard = prepare_rows(hidden, weight, bias, labels, ignore_index, vocab_parallel_group,
+                                                  sequences=True)
+    flat, weight, bias, vocab = head.hidden, head.weight, head.bias, head.vocab
+    device = flat.device
     n_pairs = n_rows // 2
-    check_device("labels", labels, device)
-    flat_labels = check_labels(labels, lead, vocab, ignore_index)
     ignore_index = int(ignore_index)
-    if loss_type not in LOSS_TYPES:
+    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    beta = _check_number("beta", beta, low=0.0, low_open=True)
-    nll_alpha = _check_number("nll_alpha", nll_alpha, low=0.0, low_open=False)
-    label_smoothing = _check_number("label_smoothing", label_smoothing, low=0.0, low_open=False, high=0.5)
+    beta = check_real("beta", beta, low=0.0, low_open=True)
+    nll_alpha = check_real("nll_alpha", nll_alpha, low=0.0)
+    label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
+    average_log_prob = check_flag("average_log_prob", average_log_prob)
     if label_smoothing and loss_type not in SMOOTHED_LOSS_TYPES:
         raise ValueError(
             f"label_smoothing={label_smoothing} is only defined for loss_type in {SMOOTHED_LOSS_TYPES}, "
             f"got loss_type={loss_type!r}; leave it at 0"
         )
     chunk_size = check_chunk_size(chunk_size)
-    impl = resolve(backend, device, flat, weight)
+    impl = resolve(backend, device, flat, weight, shard=shard)
     weights = None if sample_weight is None else _check_pair_vector("sample_weight", sample_weight, n_pairs, "B", device)
     if weights is not None and bool((weights < 0).any()):
         raise ValueError("sample_weight must be >= 0")
-    average = bool(average_log_prob) or loss_type == "ipo"
+    average = average_log_prob or loss_type == "ipo"
 
     online = ref_hidden is not None or ref_weight is not None
     if online and ref_logps is not None:
@@ -215,6 +219,8 @@ def dpo_loss(
     if online:
         if ref_hidden is None or ref_weight is None:
             raise ValueError("an online reference needs both ref_hidden and ref_weight")
+        ref_weight = gather_dtensor(ref_weight, compute_dtype(ref_hidden))
+        ref_bias = gather_dtensor(ref_bias, compute_dtype(ref_hidden))
         ref_flat, ref_lead, ref_vocab = check_sequence_head("ref_hidden", ref_hidden, "ref_weight", ref_weight,
                                                             "ref_bias", ref_bias, device)
         if ref_lead != lead:
@@ -227,26 +233,25 @@ def dpo_loss(
     plan = impl.sequence_plan(flat_labels, lead, ignore_index, chunk_size, int(counts.sum()), vocab)
     if online:
         ref_head = Head(ref_flat, ref_weight, ref_bias)
-        ref_impl = resolve(backend, device, ref_flat, ref_weight)
-        ref_sums = ref_impl.sequence_sums(ref_head, flat_labels, plan, lead, ignore_index, chunk_size)
-        ref = ref_sums / denom
+        ref_impl = resolve(backend, device, ref_flat, ref_weight, shard=shard)
+        ref = ref_impl.sequence_sums(ref_head, flat_labels, plan, lead, ignore_index, chunk_size, shard)
     else:
         ref = _check_pair_vector("ref_logps", ref_logps, n_rows, "2B", device)
 
     n_chosen = int(counts[:n_pairs].sum())
     obj = _Objective(beta, loss_type, label_smoothing, nll_alpha, average, n_pairs, ref, weights, denom, n_chosen)
     loss, sums = impl.sequence_loss(Head(flat, weight, bias), flat_labels, plan, lead, ignore_index, chunk_size, obj,
-                                    output_dtype(hidden, weight))
-    return loss, _metrics(obj, sums, loss.dtype)
+                                    output_dtype(hidden, weight), shard)
+    return loss, _metrics(obj, sums, loss.dtype, average_log_prob)
 
 
 @torch.no_grad()
-def _metrics(obj: _Objective, sums: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
-    """TRL's detached logging metrics from the row log-prob sums."""
+def _metrics(obj: _Objective, sums: Tensor, dtype: torch.dtype, average: bool) -> dict[str, Tensor]:
+    """TRL's detached logging metrics: from summed log-probs (TRL's scale), or means with average_log_prob."""
     b = obj.n_pairs
-    logps = obj.logps(sums)
-    rc = obj.beta * (logps[:b] - obj.ref[:b])
-    rr = obj.beta * (logps[b:] - obj.ref[b:])
+    logps, ref = (sums / obj.denom, obj.ref / obj.denom) if average else (sums, obj.ref)
+    rc = obj.beta * (logps[:b] - ref[:b])
+    rr = obj.beta * (logps[b:] - ref[b:])
     values = (rc.mean(), rr.mean(), (rc > rr).double().mean(), (rc - rr).mean(),
               logps[:b].mean(), logps[b:].mean(), obj.nll(sums))
     return {name: v.to(dtype) for name, v in zip(METRIC_NAMES, values)}

@@ -11,16 +11,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._spec import Head
 from ._validation import (
     check_bias,
     check_chunk_size,
     check_device,
     check_floating,
-    check_labels,
     check_temperature,
     check_weight,
+    prepare_rows,
 )
+from ._vocab_parallel import ProcessGroup
 from .backends import Backend, resolve, token_sums
 
 
@@ -58,6 +58,7 @@ def sequence_log_probs(
     average: bool = False,
     chunk_size: int | None = None,
     backend: str | Backend = "auto",
+    vocab_parallel_group: ProcessGroup | None = None,
 ) -> Tensor:
     """log p(completion) per row: sum (or mean, `average=True`) of token log-probs over non-ignored labels.
 
@@ -65,14 +66,13 @@ def sequence_log_probs(
     inputs), differentiable, without [tokens x V] logits. A row with no completion token gets 0.
     Use it for precomputed DPO reference log-probs and for the proxy's likelihood of teacher answers.
     """
-    flat, lead, vocab = check_sequence_head("hidden", hidden, "weight", weight, "bias", bias)
-    check_device("labels", labels, flat.device)
-    flat_labels = check_labels(labels, lead, vocab, ignore_index)
+    head, lead, flat_labels, shard = prepare_rows(hidden, weight, bias, labels, ignore_index, vocab_parallel_group,
+                                                  sequences=True)
+    flat = head.hidden
     temperature = check_temperature(temperature)
     chunk_size = check_chunk_size(chunk_size)
-    impl = resolve(backend, flat.device, flat, weight)
-    sums, counts = token_sums(impl, Head(flat, weight, bias), flat_labels, lead, temperature, int(ignore_index),
-                              chunk_size)
+    impl = resolve(backend, flat.device, flat, head.weight, shard=shard)
+    sums, counts = token_sums(impl, head, flat_labels, lead, temperature, int(ignore_index), chunk_size, shard)
     if average:
         sums = sums / counts.clamp_min(1).to(sums.dtype)
     return sums.to(output_dtype(hidden, weight))

@@ -1,9 +1,17 @@
-"""Stage 1, align-proxy: SFT warm-up on teacher answers, then K rounds of NLL + DPO vs proxy samples."""
+"""Stage 1, align-proxy: SFT warm-up on teacher answers, then K rounds of NLL + DPO vs proxy samples.
+
+Each phase (sft/, round-N/) is a `train` run with its own checkpoints and metrics; a finished phase
+leaves a verified marker (`checkpoint.finish_phase`: final weights and summary) that a resumed run
+loads instead of training it again.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +20,13 @@ from torch import Tensor, nn
 
 from proxykd_fast.losses import dpo_loss, linear_cross_entropy, sequence_log_probs
 
+from .bootstrap import notice, open_run, start_stage
 from .chat import stop_token_ids
+from .checkpoint import finish_phase, finished_phase
 from .config import AlignProxyConfig, parse_split
 from .data import (
     Example,
+    count_tokens,
     iter_chunks,
     left_padded_prompts,
     load_records,
@@ -25,9 +36,9 @@ from .data import (
 )
 from .distributed import shard_map
 from .evaluate import heldout_nll
-from .modeling import HiddenAndHead, apply_lora, check_model_matches_tokenizer, load_model, load_tokenizer, save_model
-from .runinfo import clear_outputs, run_options, start_run
-from .trainer import make_accelerator, total_steps, train
+from .modeling import PipelineError, apply_lora, check_model_matches_tokenizer, load_model, load_tokenizer, save_model
+from .scoring import Head, score_batches
+from .trainer import TrainResult, total_steps, train
 
 RUN_INFO = "align_run.json"
 RANK_SEED_STRIDE = 7919  # rank r samples with seed + r * stride (rank 0: the single-process seed)
@@ -40,22 +51,9 @@ def sft_loss_fn(chunk_size: int | None, backend: str) -> Any:
         hidden, w, b = wrapped(batch["input_ids"], batch["attention_mask"])
         loss = linear_cross_entropy(hidden, w, batch["labels"], bias=b, reduction="sum", chunk_size=chunk_size,
                                     backend=backend)
-        n = max(int((batch["labels"] != -100).sum()), 1)
-        return loss, {"nll": float(loss.detach()) / n}
+        return loss, {"nll": float(loss.detach()) / max(count_tokens(batch), 1)}
 
     return loss_fn
-
-
-def count_tokens(batch: dict[str, Any]) -> int:
-    """Number of supervised tokens in a batch."""
-    return int((batch["labels"] != -100).sum())
-
-
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm progress bar (disabled unless `enabled`)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
 @torch.no_grad()
@@ -64,29 +62,31 @@ def generate_rejected(
     progress: bool = False,
 ) -> list[list[int]]:
     """One sampled answer per prompt from the current proxy (batched generate), its stop token included."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
     model.eval()
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer, model)
     out: list[list[int]] = []
-    bar = _bar(len(examples), "sample rejected", progress)
-    for chunk in iter_chunks(examples, cfg.gen_batch_size):
-        batch = left_padded_prompts(chunk, tokenizer.pad_token_id)
-        gen = model.generate(**{k: v.to(device) for k, v in batch.items()}, do_sample=True,
-                             temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, top_k=cfg.gen_top_k,
-                             max_new_tokens=cfg.gen_max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=stops)
-        width = batch["input_ids"].shape[1]
-        for row in gen[:, width:].tolist():
-            ids: list[int] = []
-            for t in row:
-                ids.append(t)
-                if t in stops:
-                    break
-            out.append(ids)
-        bar.update(len(chunk))
-    bar.close()
-    model.train()
+    with tqdm(total=len(examples), desc="sample rejected", disable=not progress, leave=False) as bar:
+        for chunk in iter_chunks(examples, cfg.gen_batch_size):
+            batch = left_padded_prompts(chunk, tokenizer.pad_token_id)
+            gen = model.generate(**{k: v.to(device) for k, v in batch.items()}, do_sample=True,
+                                 temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, top_k=cfg.gen_top_k,
+                                 max_new_tokens=cfg.gen_max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=stops)
+            width = batch["input_ids"].shape[1]
+            for row in gen[:, width:].tolist():
+                ids: list[int] = []
+                for t in row:
+                    ids.append(t)
+                    if t in stops:
+                        break
+                out.append(ids)
+            bar.update(len(chunk))
+    model.train(was_training)
     return out
 
 
@@ -100,35 +100,23 @@ def sample_rejected(
         model, tokenizer, part, cfg, seed + RANK_SEED_STRIDE * rank, show))
 
 
-def reference_scale_average(cfg: AlignProxyConfig) -> bool:
-    """Whether DPO compares per-token mean log-probs (average_log_prob, or always for ipo) rather than sums."""
-    return cfg.average_log_prob or cfg.dpo_loss_type == "ipo"
-
-
-@torch.no_grad()
 def reference_logps(
     model: nn.Module, examples: list[Example], pad_id: int, cfg: AlignProxyConfig, acc: Any = None,
 ) -> Tensor:
-    """[n, 2] log-probs of (chosen, rejected) under the current proxy, on the DPO loss's scale: the reference."""
+    """[n, 2] summed log-probs of (chosen, rejected) under the current proxy: the reference (dpo_loss
+    normalizes sums itself where the loss type needs means)."""
     show = cfg.progress and (acc is None or acc.is_main_process)
 
+    def pair_logps(chunk: list[Example], b: dict[str, Tensor], head: Head) -> list[list[float]]:
+        hidden, w, bias = head
+        lp = sequence_log_probs(hidden, w, b["labels"], bias=bias, chunk_size=cfg.chunk_size,
+                                backend=cfg.backend).float().cpu()
+        n = len(chunk)
+        return torch.stack([lp[:n], lp[n:]], dim=1).tolist()
+
     def score(part: list[Example]) -> list[list[float]]:
-        model.eval()
-        wrapped = HiddenAndHead(model)
-        device = next(model.parameters()).device
-        rows: list[list[float]] = []
-        bar = _bar(len(part), "reference log-probs", show)
-        for chunk in iter_chunks(part, cfg.eval_batch_size):
-            b = {k: v.to(device) for k, v in preference_batch(chunk, pad_id).items()}
-            hidden, w, bias = wrapped(b["input_ids"], b["attention_mask"])
-            lp = sequence_log_probs(hidden, w, b["labels"], average=reference_scale_average(cfg), bias=bias,
-                                    chunk_size=cfg.chunk_size, backend=cfg.backend).float().cpu()
-            n = len(chunk)
-            rows.extend(torch.stack([lp[:n], lp[n:]], dim=1).tolist())
-            bar.update(n)
-        bar.close()
-        model.train()
-        return rows
+        return score_batches(model, part, lambda c: preference_batch(c, pad_id), pair_logps,
+                             batch_size=cfg.per_device_eval_batch_size, desc="reference log-probs", progress=show)
 
     return torch.tensor(_sharded(acc, examples, score), dtype=torch.float32).view(len(examples), 2)
 
@@ -171,123 +159,177 @@ def dpo_count_fn(cfg: AlignProxyConfig) -> Any:
         pairs = int(batch["ref_logps"].shape[0])
         counts = {"dpo": pairs}
         if cfg.nll_alpha:
-            counts["nll"] = int((batch["labels"][:pairs] != -100).sum())
+            counts["nll"] = count_tokens(batch, rows=pairs)
         return counts
 
     return count
 
 
-def _phase_done(path: Path) -> bool:
-    """A finished phase leaves its final weights and a marker."""
-    return (path / "done.json").exists() and (path / "final_state.pt").exists()
+@dataclass
+class _Run:
+    """What every phase of one align-proxy run shares."""
+
+    cfg: AlignProxyConfig
+    acc: Any
+    tok: Any
+    model: nn.Module
+    out: Path
+    resume: bool
+    eval_fn: Callable[[nn.Module], float] | None
+
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all processes."""
+        return self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps * self.acc.num_processes
+
+    def held_out(self) -> float | None:
+        """The held-out NLL of the current model, or None without --eval-data."""
+        return self.eval_fn(self.model) if self.eval_fn is not None else None
 
 
-def _finish_phase(path: Path, model: nn.Module, info: dict[str, Any], is_main: bool) -> None:
-    """Record a finished phase (weights + summary) so a resumed run skips it."""
-    if is_main:
-        torch.save(model.state_dict(), path / "final_state.pt")
-        (path / "done.json").write_text(json.dumps(info), encoding="utf-8")
+def _phase(run: _Run, name: str, body: Callable[[Path], tuple[TrainResult, dict[str, Any]]],
+           ) -> tuple[dict[str, Any] | None, int]:
+    """(summary, steps) of a finished phase (loading its final weights), or of training it with `body`; the
+    summary is None when the phase stopped unfinished (--max-steps-this-run)."""
+    pdir = run.out / name
+    done = finished_phase(pdir, report=lambda msg: notice(run.acc, f"[align-proxy] {msg}"))
+    if done is not None:
+        info, weights = done
+        run.model.load_state_dict(weights)
+        return info, int(info["steps"])
+    pdir.mkdir(parents=True, exist_ok=True)
+    res, info = body(pdir)
+    if not res.finished:
+        return None, res.steps
+    if run.acc.is_main_process:
+        finish_phase(pdir, run.model, info)
+    run.acc.wait_for_everyone()
+    return info, res.steps
+
+
+def _sft(run: _Run, warm: list[Example]) -> Callable[[Path], tuple[TrainResult, dict[str, Any]]]:
+    """The SFT warm-up phase on the teacher answers of the warm-up split."""
+    cfg, pad = run.cfg, run.tok.pad_token_id
+
+    def body(pdir: Path) -> tuple[TrainResult, dict[str, Any]]:
+        steps = total_steps(cfg, len(warm), run.global_batch(), epochs=cfg.warmup_epochs, steps=cfg.warmup_steps_sft)
+        res = train(cfg, run.model, n_train=len(warm), make_batch=lambda idx: sft_batch([warm[i] for i in idx], pad),
+                    count_items=count_tokens, loss_fn=sft_loss_fn(cfg.chunk_size, cfg.backend), out_dir=pdir,
+                    steps=steps, eval_fn=run.eval_fn, accelerator=run.acc, desc="proxy-sft", resume=run.resume)
+        return res, {"phase": "sft", "steps": res.steps, "eval_nll": run.held_out() if res.finished else None}
+
+    return body
+
+
+def _dpo_round(run: _Run, r: int, align: list[Example], best: float | None,
+               ) -> Callable[[Path], tuple[TrainResult, dict[str, Any]]]:
+    """DPO round r: rejected answers (sampled, or the dataset's in round 1 with --dataset-rejected first_round), the
+    proxy at the round's start as the frozen reference, NLL + DPO; a round that raised the held-out NLL is reverted."""
+    cfg, acc, model, pad = run.cfg, run.acc, run.model, run.tok.pad_token_id
+
+    def body(pdir: Path) -> tuple[TrainResult, dict[str, Any]]:
+        start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        rejected = _rejected(run, r, align, pdir / "rejected.json")
+        pairs = [dataclasses.replace(e, rejected=rj) for e, rj in zip(align, rejected)]
+        ref = reference_logps(model, pairs, pad, cfg, acc=acc)
+
+        def make_batch(idx: list[int]) -> dict[str, Any]:
+            b: dict[str, Any] = preference_batch([pairs[i] for i in idx], pad)
+            b["ref_logps"] = ref[idx]
+            return b
+
+        steps = total_steps(cfg, len(pairs), run.global_batch(), epochs=cfg.round_epochs, steps=cfg.round_steps)
+        round_cfg = dataclasses.replace(cfg, learning_rate=cfg.round_learning_rate or cfg.learning_rate)
+        res = train(round_cfg, model, n_train=len(pairs), make_batch=make_batch, count_items=dpo_count_fn(cfg),
+                    loss_fn=dpo_loss_fn(cfg), out_dir=pdir, steps=steps, eval_fn=run.eval_fn, accelerator=acc,
+                    desc=f"proxy-dpo-{r}", resume=run.resume, allow_fresh=True)
+        if not res.finished:
+            return res, {}
+        value = run.held_out()
+        kept = cfg.keep_round_if_worse or value is None or best is None or value <= best
+        if not kept:
+            model.load_state_dict(start_state)
+            notice(acc, f"[align-proxy] round {r} raised held-out NLL ({value:.4f} > {best:.4f}): reverted and "
+                        "stopped")
+        last = res.history[-1] if res.history else {}
+        return res, {"phase": f"round-{r}", "steps": res.steps, "eval_nll": value, "kept": kept,
+                     "last": {k: v for k, v in last.items() if "/" in k}}
+
+    return body
+
+
+def _rejected(run: _Run, r: int, align: list[Example], path: Path) -> list[list[int]]:
+    """Round r's rejected answers: stored from an interrupted attempt, the dataset's (round 1, first_round), or
+    sampled from the current proxy; written atomically so a resume reuses exactly these."""
+    if path.exists():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(stored, list) and len(stored) == len(align):
+            return stored
+        notice(run.acc, f"[align-proxy] {path} does not hold {len(align)} answers: sampling them again")
+    if r == 1 and run.cfg.dataset_rejected == "first_round":
+        rejected = [list(e.rejected or []) for e in align]
+    else:
+        rejected = sample_rejected(run.model, run.tok, align, run.cfg, seed=run.cfg.seed * 1000 + r, acc=run.acc)
+    if run.acc.is_main_process:
+        tmp = path.with_name("." + path.name + ".tmp")
+        tmp.write_text(json.dumps(rejected), encoding="utf-8")
+        os.replace(tmp, path)
+    return rejected
+
+
+def _check_data(cfg: AlignProxyConfig, warm: list[Example], align: list[Example]) -> None:
+    """Refuse data the rounds cannot use as asked: text records (no prompts), or a rejected column not asked for."""
+    if cfg.rounds and any(e.language_modeling for e in align):
+        raise PipelineError("align-proxy's DPO rounds sample answers to prompts, and language-modeling ('text') "
+                            "records have none: use prompt/completion or messages data, or --rounds 0")
+    with_rejected = sum(e.rejected is not None for e in warm + align)
+    if cfg.dataset_rejected == "refuse" and with_rejected:
+        raise PipelineError(
+            f"--data has rejected answers ({with_rejected} of {len(warm) + len(align)} records in the warm-up and "
+            "alignment splits), which align-proxy does not use by default: every round samples its own from the "
+            "current proxy. Pass --dataset-rejected first_round to train round 1 on the dataset's rejected answers "
+            "(later rounds sample), or --dataset-rejected ignore to sample in every round")
+    if cfg.dataset_rejected == "first_round" and cfg.rounds:
+        missing = sum(e.rejected is None for e in align)
+        if missing:
+            raise PipelineError(f"--dataset-rejected first_round: {missing} of {len(align)} records of the alignment "
+                                "split have no rejected answer")
 
 
 def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any]:
     """Run the proxy alignment; the aligned proxy is saved (loadable by from_pretrained) in output_dir."""
-    acc = accelerator or make_accelerator()
-    torch.manual_seed(cfg.seed)
+    acc = start_stage(cfg, accelerator)
     tok = load_tokenizer(cfg.proxy)
     model = load_model(cfg.proxy, cfg.dtype)
     check_model_matches_tokenizer(model, tok, "proxy")
     model = apply_lora(model, cfg.lora).to(acc.device)
     examples = tokenize_records(load_records(cfg.data), tok, cfg.max_length)
-    lo, hi = parse_split(cfg.warmup_split, len(examples))
-    warm = examples[lo:hi]
-    lo, hi = parse_split(cfg.align_split, len(examples))
-    align = examples[lo:hi]
+    warm = examples[slice(*parse_split(cfg.warmup_split, len(examples)))]
+    align = examples[slice(*parse_split(cfg.align_split, len(examples)))]
+    _check_data(cfg, warm, align)
     held = tokenize_records(load_records(cfg.eval_data), tok, cfg.max_length) if cfg.eval_data else []
     out = Path(cfg.output_dir)  # touched only once the inputs have loaded
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:  # a fresh run: no phase of an earlier run may be reused
-        clear_outputs([out / "sft", *(p for p in out.glob("round-*") if p.is_dir()), out / "align_summary.json",
-                       out / RUN_INFO], acc.is_main_process)
-    acc.wait_for_everyone()
-    start_run(out / RUN_INFO, run_options(cfg.to_dict()), cfg.resume, acc.is_main_process, "align-proxy")
-    if acc.is_main_process:
-        cfg.save(out / "align_config.yaml")
-    pad = tok.pad_token_id
+    phases = [out / "sft", *(p for p in out.glob("round-*") if p.is_dir())]
+    resume = open_run(cfg, acc, stage="align-proxy", out=out, record=RUN_INFO,
+                      clear=[*phases, out / "align_summary.json"], config_name="align_config.yaml")
 
     def eval_fn(m: nn.Module) -> float:
-        return heldout_nll(m, held, pad, cfg.eval_batch_size, cfg.chunk_size, cfg.backend)
+        return heldout_nll(m, held, tok.pad_token_id, cfg.per_device_eval_batch_size, cfg.chunk_size, cfg.backend)
 
-    summary: dict[str, Any] = {"phases": []}
-    best = eval_fn(model) if held else None
-    summary["initial_eval_nll"] = best
-    world = acc.num_processes
-    # Phase 1: SFT warm-up.
-    sft_dir = out / "sft"
-    sft_dir.mkdir(exist_ok=True)
-    if _phase_done(sft_dir):
-        model.load_state_dict(torch.load(sft_dir / "final_state.pt", map_location="cpu", weights_only=True))
-        info = json.loads((sft_dir / "done.json").read_text())
-    else:
-        steps = total_steps(cfg, len(warm), cfg.batch_size * cfg.grad_accum * world, epochs=cfg.warmup_epochs,
-                            steps=cfg.warmup_steps_sft)
-        res = train(cfg, model, n_train=len(warm), make_batch=lambda idx: sft_batch([warm[i] for i in idx], pad),
-                    count_items=count_tokens, loss_fn=sft_loss_fn(cfg.chunk_size, cfg.backend), out_dir=sft_dir,
-                    steps=steps, eval_fn=eval_fn if held else None, accelerator=acc, desc="proxy-sft")
-        if not res.finished:
-            return {"finished": False, "phase": "sft", "steps": res.steps}
-        info = {"phase": "sft", "steps": res.steps, "eval_nll": eval_fn(model) if held else None}
-        _finish_phase(sft_dir, model, info, acc.is_main_process)
+    run = _Run(cfg, acc, tok, model, out, resume, eval_fn if held else None)
+    summary: dict[str, Any] = {"phases": [], "initial_eval_nll": run.held_out()}
+    info, steps = _phase(run, "sft", _sft(run, warm))
+    if info is None:
+        return {"finished": False, "phase": "sft", "steps": steps}
     summary["phases"].append(info)
     best = info["eval_nll"]
-    # Phase 2: K rounds of NLL + DPO with the proxy-at-round-start as reference.
     for r in range(1, cfg.rounds + 1):
-        rdir = out / f"round-{r}"
-        rdir.mkdir(exist_ok=True)
-        if _phase_done(rdir):
-            info = json.loads((rdir / "done.json").read_text())
-            if info.get("kept", True):
-                model.load_state_dict(torch.load(rdir / "final_state.pt", map_location="cpu", weights_only=True))
-            summary["phases"].append(info)
-            if not info.get("kept", True):
-                break
-            best = info["eval_nll"]
-            continue
-        start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        rej_path = rdir / "rejected.json"
-        if rej_path.exists():
-            rejected = json.loads(rej_path.read_text())
-        else:
-            rejected = sample_rejected(model, tok, align, cfg, seed=cfg.seed * 1000 + r, acc=acc)
-            if acc.is_main_process:
-                rej_path.write_text(json.dumps(rejected))
-        pairs = [Example(e.index, e.prompt, e.answer, rj, e.prompt_text) for e, rj in zip(align, rejected)]
-        ref = reference_logps(model, pairs, pad, cfg, acc=acc)
-
-        def make_batch(idx: list[int], pairs: list[Example] = pairs, ref: Tensor = ref) -> dict[str, Any]:
-            b: dict[str, Any] = preference_batch([pairs[i] for i in idx], pad)
-            b["ref_logps"] = ref[idx]
-            return b
-
-        steps = total_steps(cfg, len(pairs), cfg.batch_size * cfg.grad_accum * world, epochs=cfg.round_epochs,
-                            steps=cfg.round_steps)
-        round_cfg = dataclasses.replace(cfg, learning_rate=cfg.round_learning_rate or cfg.learning_rate)
-        res = train(round_cfg, model, n_train=len(pairs), make_batch=make_batch, count_items=dpo_count_fn(cfg),
-                    loss_fn=dpo_loss_fn(cfg), out_dir=rdir, steps=steps, eval_fn=eval_fn if held else None,
-                    accelerator=acc, desc=f"proxy-dpo-{r}")
-        if not res.finished:
-            return {"finished": False, "phase": f"round-{r}", "steps": res.steps}
-        value = eval_fn(model) if held else None
-        kept = cfg.keep_round_if_worse or value is None or best is None or value <= best
-        info = {"phase": f"round-{r}", "steps": res.steps, "eval_nll": value, "kept": kept,
-                "last": {k: v for k, v in (res.history[-1] if res.history else {}).items() if "/" in k}}
-        if not kept:
-            model.load_state_dict(start_state)
-            acc.print(f"[align-proxy] round {r} raised held-out NLL ({value:.4f} > {best:.4f}): reverted and stopped")
-        _finish_phase(rdir, model, info, acc.is_main_process)
+        info, steps = _phase(run, f"round-{r}", _dpo_round(run, r, align, best))
+        if info is None:
+            return {"finished": False, "phase": f"round-{r}", "steps": steps}
         summary["phases"].append(info)
-        if not kept:
+        if not info.get("kept", True):
             break
-        best = value
+        best = info["eval_nll"]
     summary["final_eval_nll"] = best
     summary["finished"] = True
     if acc.is_main_process:
@@ -295,3 +337,7 @@ def align_proxy(cfg: AlignProxyConfig, accelerator: Any = None) -> dict[str, Any
         (out / "align_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     acc.wait_for_everyone()
     return summary
+
+
+__all__ = ["align_proxy", "count_tokens", "dpo_count_fn", "dpo_loss_fn", "reference_logps", "sample_rejected",
+           "sft_loss_fn"]

@@ -1,5 +1,9 @@
 """TRL record formats to token ids: chat templates for conversational data, plain text otherwise.
 
+The formats: prompt/completion, messages, language modeling (`text`: every token after the first is
+trained), prompt/chosen/rejected, and implicit-prompt preference (chosen/rejected only: the prompt
+is their shared prefix, split off by TRL's `maybe_extract_prompt`).
+
 A record is conversational when its prompt is a list of messages, when it is a `messages` record,
 or when its completion / chosen / rejected is a list of messages (the teacher collector's chat
 mode writes `completion: [{"role": "assistant", ...}]`; a plain-string prompt next to such a
@@ -12,8 +16,6 @@ answers end with the template's end-of-turn token (e.g. `<|im_end|>`) instead of
 from __future__ import annotations
 
 from typing import Any
-
-_PROBE = "PROXYKDPROBEANSWER"
 
 
 def message_text(content: Any) -> str:
@@ -45,15 +47,27 @@ def _answer_text(answer: Any) -> str:
     return message_text(answer)
 
 
-def split_record(rec: dict[str, Any]) -> tuple[str | list[dict[str, str]], str, str | None]:
-    """(prompt, chosen answer text, rejected text or None); the prompt is a message list for chat data."""
+def split_record(rec: dict[str, Any]) -> tuple[str | list[dict[str, str]] | None, str, str | None]:
+    """(prompt, chosen answer text, rejected text or None); the prompt is a message list for chat data, None
+    for a language-modeling (`text`) record."""
     if "messages" in rec and "prompt" not in rec:
         msgs = _messages(list(rec["messages"]), "messages")
         if msgs[-1]["role"] != "assistant":
             raise ValueError("a messages record must end with an assistant turn")
         return msgs[:-1], msgs[-1]["content"], None
+    if "text" in rec and "prompt" not in rec and "chosen" not in rec:
+        if not isinstance(rec["text"], str) or not rec["text"]:
+            raise ValueError(f"a language-modeling record needs a non-empty 'text' string, got {rec['text']!r:.80}")
+        return None, rec["text"], None
+    if "prompt" not in rec and "chosen" in rec and "rejected" in rec:
+        from trl.data_utils import maybe_extract_prompt  # imported lazily: trl is heavy
+
+        rec = {**rec, **maybe_extract_prompt({"chosen": rec["chosen"], "rejected": rec["rejected"]})}
+        if not rec["prompt"]:
+            raise ValueError("an implicit-prompt preference record's chosen and rejected share no prefix to use as "
+                             "the prompt")
     if "prompt" not in rec:
-        raise ValueError(f"record has neither prompt nor messages: keys {sorted(rec)}")
+        raise ValueError(f"record has neither prompt, messages, text nor chosen/rejected: keys {sorted(rec)}")
     answer = rec.get("completion", rec.get("chosen"))
     if answer is None:
         raise ValueError("record has a prompt but no completion/chosen")
@@ -76,30 +90,16 @@ def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
     """Tokens that close an assistant turn in the chat template (e.g. <|im_end|>); [eos] when it has none."""
-    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    if not getattr(tokenizer, "chat_template", None):
-        return eos
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-    try:
-        text = tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception:  # a template may refuse the probe: fall back to eos
-        return eos
-    if not isinstance(text, str) or _PROBE not in text:
-        return eos
-    tail = text[text.rindex(_PROBE) + len(_PROBE):].strip()
-    ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
-    return ids or eos
+    from proxykd_fast.teacher.chat_format import end_of_turn_ids as ids  # one definition, shared with the server
+
+    return ids(tokenizer)
 
 
 def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     """Ids that end generation: the model's and tokenizer's eos plus the chat template's end-of-turn token."""
-    ids: list[int] = []
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (gen_eos, tokenizer.eos_token_id, end_of_turn_ids(tokenizer)[-1:] or None):
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and int(v) not in ids:
-                ids.append(int(v))
-    return ids
+    from proxykd_fast.teacher.chat_format import stop_token_ids as ids  # one definition, shared with the server
+
+    return ids(tokenizer, model)
 
 
 def completion_ids(tokenizer: Any, text: str, end: list[int]) -> list[int]:

@@ -24,6 +24,7 @@ class Example:
     answer: list[int]
     rejected: list[int] | None = None
     prompt_text: Any = None
+    language_modeling: bool = False  # a `text` record: prompt = its first token, answer = the rest
 
 
 def tokenize_records(
@@ -32,13 +33,22 @@ def tokenize_records(
     """Tokenize records into Examples; answers are truncated so prompt + answer <= max_length.
 
     A plain-text answer ends with eos and a conversational one with the chat template's end-of-turn
-    token, unless the teacher stopped at its length limit (finish_reason "length").
+    token, unless the teacher stopped at its length limit (finish_reason "length"). A language-modeling
+    record (`text`) is tokenized whole (special tokens such as bos included) and ends with eos; its
+    first token is the prompt, so every later token is trained.
     """
     eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     eot: list[int] | None = None
     out = []
     for i, rec in enumerate(records):
         prompt, answer, rejected = split_record(rec)
+        if prompt is None:
+            full = list(tokenizer(answer, add_special_tokens=True)["input_ids"])
+            full = (full + ([] if rec.get("finish_reason") == "length" else eos))[:max_length]
+            if len(full) < 2:
+                raise ValueError(f"record {start_index + i}: its text has {len(full)} token(s), need at least 2")
+            out.append(Example(start_index + i, full[:1], full[1:], None, None, language_modeling=True))
+            continue
         if isinstance(prompt, str):
             end = eos
         else:
@@ -66,6 +76,12 @@ def pad_batch(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dic
         if len(s) > plen:
             labels[row, plen - 1 : len(s) - 1] = torch.tensor(s[plen:], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def count_tokens(batch: dict[str, Any], rows: int | None = None) -> int:
+    """Supervised tokens (labels != IGNORE) of a batch, or of its first `rows` rows."""
+    labels = batch["labels"] if rows is None else batch["labels"][:rows]
+    return int((labels != IGNORE).sum())
 
 
 def sft_batch(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
@@ -117,6 +133,6 @@ def iter_chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 
 __all__ = [
-    "IGNORE", "Example", "batch_indices", "count_records", "epoch_permutation", "iter_chunks", "iter_records",
+    "IGNORE", "Example", "batch_indices", "count_records", "count_tokens", "epoch_permutation", "iter_chunks", "iter_records",
     "left_padded_prompts", "load_records", "pad_batch", "preference_batch", "sft_batch", "tokenize_records",
 ]

@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from proxykd_fast.losses import linear_cross_entropy, proxy_kd_loss, sequence_log_probs
 
+from .bootstrap import open_run, start_stage
 from .config import DistillConfig, parse_split
-from .data import Example, iter_chunks, load_records, pad_batch, tokenize_records
+from .data import IGNORE, Example, count_tokens, load_records, pad_batch, tokenize_records
 from .distributed import shard_map
 from .evaluate import heldout_nll
 from .modeling import (
@@ -26,9 +27,9 @@ from .modeling import (
     save_model,
     vocab_size,
 )
-from .runinfo import clear_outputs, run_options, start_run
+from .scoring import Head, score_batches
 from .targets import TargetRow, load_targets, sigmoid_weights, vocab_fingerprint
-from .trainer import make_accelerator, total_steps, train
+from .trainer import total_steps, train
 
 RUN_INFO = "distill_run.json"
 
@@ -66,7 +67,7 @@ def kd_loss_fn(cfg: DistillConfig, proxy: nn.Module | None) -> Any:
         if cfg.alpha == 0:
             loss = linear_cross_entropy(hidden, w, batch["labels"], bias=b, reduction="sum",
                                         chunk_size=cfg.chunk_size, backend=cfg.backend)
-            n = max(int((batch["labels"] != -100).sum()), 1)
+            n = max(count_tokens(batch), 1)
             return loss, {"nll": float(loss.detach()) / n, "kd": 0.0, "weight_mean": 1.0}
         kw: dict[str, Any] = {}
         weight = batch.get("sample_weight") if cfg.use_weights else None
@@ -76,7 +77,8 @@ def kd_loss_fn(cfg: DistillConfig, proxy: nn.Module | None) -> Any:
                 if cfg.use_weights and weight is None:
                     ll = sequence_log_probs(ph, pw, batch["labels"], bias=pb, chunk_size=cfg.chunk_size,
                                             backend=cfg.backend)
-                    weight = sigmoid_weights(ll, (batch["labels"] != -100).sum(-1), cfg.loglik, cfg.normalize_weights)
+                    weight = sigmoid_weights(ll, (batch["labels"] != IGNORE).sum(-1), cfg.loglik,
+                                             cfg.normalize_weights)
             kw.update(proxy_hidden=ph, proxy_weight=pw, proxy_bias=pb)
         else:
             kw.update(proxy_topk_ids=batch["topk_ids"], proxy_topk_logprobs=batch["topk_logprobs"])
@@ -92,27 +94,21 @@ def kd_loss_fn(cfg: DistillConfig, proxy: nn.Module | None) -> Any:
     return loss_fn
 
 
-@torch.no_grad()
 def online_dataset_weights(proxy: nn.Module, rows: list[TargetRow], pad_id: int, cfg: DistillConfig,
                            acc: Any = None) -> dict[int, float]:
     """Dataset-level weights for an online proxy: a no-grad pass of its log-likelihoods over every training row."""
     show = cfg.progress and (acc is None or acc.is_main_process)
 
-    def score(part: list[TargetRow]) -> list[float]:
-        from tqdm.auto import tqdm
+    def loglik(chunk: list[TargetRow], b: dict[str, Tensor], head: Head) -> list[float]:
+        hidden, w, bias = head
+        return sequence_log_probs(hidden, w, b["labels"], bias=bias, chunk_size=cfg.chunk_size,
+                                  backend=cfg.backend).double().cpu().tolist()
 
-        wrapped = HiddenAndHead(proxy)
-        device = next(proxy.parameters()).device
-        out: list[float] = []
-        with tqdm(total=len(part), desc="proxy log-likelihoods", disable=not show, leave=False) as bar:
-            for chunk in iter_chunks(part, cfg.eval_batch_size):
-                b = {k: v.to(device) for k, v in
-                     pad_batch([r.input_ids for r in chunk], [r.prompt_len for r in chunk], pad_id).items()}
-                hidden, w, bias = wrapped(b["input_ids"], b["attention_mask"])
-                out.extend(sequence_log_probs(hidden, w, b["labels"], bias=bias, chunk_size=cfg.chunk_size,
-                                              backend=cfg.backend).double().cpu().tolist())
-                bar.update(len(chunk))
-        return out
+    def score(part: list[TargetRow]) -> list[float]:
+        return score_batches(proxy, part, lambda c: pad_batch([r.input_ids for r in c], [r.prompt_len for r in c],
+                                                              pad_id),
+                             loglik, batch_size=cfg.per_device_eval_batch_size, desc="proxy log-likelihoods",
+                             progress=show)
 
     ll = shard_map(acc, rows, score) if acc is not None else score(rows)
     w = sigmoid_weights(torch.tensor(ll, dtype=torch.float64), torch.tensor([r.n_tokens for r in rows]), cfg.loglik,
@@ -135,28 +131,14 @@ def _online_rows(cfg: DistillConfig, tok: Any) -> list[TargetRow]:
 
 def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
     """Train the student; the final student is saved (loadable by from_pretrained) in output_dir."""
-    acc = accelerator or make_accelerator()
-    torch.manual_seed(cfg.seed)
+    acc = start_stage(cfg, accelerator)
     tok = load_tokenizer(cfg.student)
     student = load_model(cfg.student, cfg.dtype)
     check_model_matches_tokenizer(student, tok, "student")
     proxy = None
     weights: dict[int, float] = {}
     if cfg.targets and not cfg.proxy:
-        manifest, rows, weights = load_targets(cfg.targets)
-        if manifest["vocab_fingerprint"] != vocab_fingerprint(tok) or manifest["vocab_size"] != len(tok):
-            raise PipelineError(
-                f"the targets in {cfg.targets} were made with another vocabulary ({manifest['vocab_size']} tokens, "
-                f"fingerprint {manifest['vocab_fingerprint']}) than the student's tokenizer ({len(tok)} tokens, "
-                f"{vocab_fingerprint(tok)}): Proxy-KD needs one shared vocabulary"
-            )
-        if cfg.use_weights and cfg.weight_stats == "dataset" and (
-                manifest["loglik"] != cfg.loglik or manifest["normalize_weights"] != cfg.normalize_weights):
-            ll = torch.tensor([r.loglik for r in rows])
-            nt = torch.tensor([r.n_tokens for r in rows])
-            w = sigmoid_weights(ll, nt, cfg.loglik, cfg.normalize_weights)
-            weights = {r.index: float(x) for r, x in zip(rows, w)}
-        k = manifest["top_k"]
+        rows, weights, k = _offline_rows(cfg, tok)
     elif cfg.proxy:
         check_same_vocab(load_tokenizer(cfg.proxy), tok, ("proxy", "student"))
         proxy = load_model(cfg.proxy, cfg.dtype).to(acc.device).eval()
@@ -179,13 +161,9 @@ def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
     student = apply_lora(student, cfg.lora).to(acc.device)
     held = tokenize_records(load_records(cfg.eval_data), tok, cfg.max_length) if cfg.eval_data else []
     pad = tok.pad_token_id
-    out = Path(cfg.output_dir)  # created only once the inputs have loaded
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:  # checkpoints and metrics are cleared by the trainer
-        clear_outputs([out / "distill_summary.json"], acc.is_main_process)
-    start_run(out / RUN_INFO, run_options(cfg.to_dict()), cfg.resume, acc.is_main_process, "distill")
-    if acc.is_main_process:
-        cfg.save(out / "distill_config.yaml")
+    out = Path(cfg.output_dir)  # touched only once the inputs have loaded
+    resume = open_run(cfg, acc, stage="distill", out=out, record=RUN_INFO, clear=[out / "distill_summary.json"],
+                      config_name="distill_config.yaml")  # checkpoints and metrics are cleared by the trainer
     if proxy is not None and cfg.alpha != 0 and cfg.use_weights and cfg.weight_stats == "dataset":
         weights = online_dataset_weights(proxy, rows, pad, cfg, acc)
     offline = proxy is None and cfg.alpha != 0 and cfg.targets
@@ -200,12 +178,13 @@ def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
         return b
 
     def eval_fn(m: nn.Module) -> float:
-        return heldout_nll(m, held, pad, cfg.eval_batch_size, cfg.chunk_size, cfg.backend)
+        return heldout_nll(m, held, pad, cfg.per_device_eval_batch_size, cfg.chunk_size, cfg.backend)
 
-    steps = total_steps(cfg, len(rows), cfg.batch_size * cfg.grad_accum * acc.num_processes)
-    res = train(cfg, student, n_train=len(rows), make_batch=make_batch,
-                count_items=lambda b: int((b["labels"] != -100).sum()), loss_fn=kd_loss_fn(cfg, proxy),
-                out_dir=out, steps=steps, eval_fn=eval_fn if held else None, accelerator=acc, desc="distill")
+    steps = total_steps(cfg, len(rows), cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+                        * acc.num_processes)
+    res = train(cfg, student, n_train=len(rows), make_batch=make_batch, count_items=count_tokens,
+                loss_fn=kd_loss_fn(cfg, proxy), out_dir=out, steps=steps, eval_fn=eval_fn if held else None,
+                accelerator=acc, desc="distill", resume=resume)
     summary = {"finished": res.finished, "steps": res.steps, "best_eval_nll": res.best_eval,
                "final_eval_nll": eval_fn(student) if (held and res.finished) else None}
     if res.finished and acc.is_main_process:
@@ -213,6 +192,23 @@ def distill(cfg: DistillConfig, accelerator: Any = None) -> dict[str, Any]:
         (out / "distill_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     acc.wait_for_everyone()
     return summary
+
+
+def _offline_rows(cfg: DistillConfig, tok: Any) -> tuple[list[TargetRow], dict[int, float], int]:
+    """Rows, dataset weights (recomputed when the loglik settings differ from precompute's) and k of --targets."""
+    manifest, rows, weights = load_targets(cfg.targets)
+    if manifest["vocab_fingerprint"] != vocab_fingerprint(tok) or manifest["vocab_size"] != len(tok):
+        raise PipelineError(
+            f"the targets in {cfg.targets} were made with another vocabulary ({manifest['vocab_size']} tokens, "
+            f"fingerprint {manifest['vocab_fingerprint']}) than the student's tokenizer ({len(tok)} tokens, "
+            f"{vocab_fingerprint(tok)}): Proxy-KD needs one shared vocabulary"
+        )
+    if cfg.use_weights and cfg.weight_stats == "dataset" and (
+            manifest["loglik"] != cfg.loglik or manifest["normalize_weights"] != cfg.normalize_weights):
+        w = sigmoid_weights(torch.tensor([r.loglik for r in rows]), torch.tensor([r.n_tokens for r in rows]),
+                            cfg.loglik, cfg.normalize_weights)
+        weights = {r.index: float(x) for r, x in zip(rows, w)}
+    return rows, weights, manifest["top_k"]
 
 
 __all__ = ["Example", "distill", "kd_loss_fn", "offline_batch"]

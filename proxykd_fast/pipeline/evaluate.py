@@ -7,75 +7,52 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from proxykd_fast.losses import linear_cross_entropy, proxy_kd_loss
 
 from .chat import stop_token_ids
 from .config import EvalConfig, parse_split
-from .data import Example, iter_chunks, left_padded_prompts, load_records, sft_batch, tokenize_records
-from .modeling import HiddenAndHead, check_same_vocab, load_model, load_tokenizer
+from .data import Example, count_tokens, left_padded_prompts, load_records, sft_batch, tokenize_records
+from .modeling import check_same_vocab, load_model, load_tokenizer
+from .scoring import Head, score_batches
 
 
-def default_device() -> torch.device:
-    """The accelerator when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _chunks(examples: list[Example], batch_size: int, desc: str, progress: bool) -> Any:
-    """Batches of examples, with a tqdm bar counting examples when `progress`."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(examples), desc=desc, disable=not progress, leave=False) as bar:
-        for chunk in iter_chunks(examples, batch_size):
-            yield chunk
-            bar.update(len(chunk))
-
-
-@torch.no_grad()
 def heldout_nll(
     model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 32,
     chunk_size: int | None = None, backend: str = "auto", progress: bool = False,
 ) -> float:
     """Mean per-token NLL of the answers of `examples` under `model` (teacher-forced)."""
-    was_training = model.training
-    model.eval()
-    wrapped = HiddenAndHead(model)
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for chunk in _chunks(examples, batch_size, "held-out NLL", progress):
-        b = {k: v.to(device) for k, v in sft_batch(chunk, pad_id).items()}
-        hidden, w, bias = wrapped(b["input_ids"], b["attention_mask"])
-        total += float(linear_cross_entropy(hidden, w, b["labels"], bias=bias, reduction="sum",
-                                            chunk_size=chunk_size, backend=backend))
-        count += int((b["labels"] != -100).sum())
-    model.train(was_training)
-    return total / max(count, 1)
+
+    def nll(chunk: list[Example], b: dict[str, Tensor], head: Head) -> list[tuple[float, int]]:
+        hidden, w, bias = head
+        total = linear_cross_entropy(hidden, w, b["labels"], bias=bias, reduction="sum", chunk_size=chunk_size,
+                                     backend=backend)
+        return [(float(total), count_tokens(b))]
+
+    sums = score_batches(model, examples, lambda c: sft_batch(c, pad_id), nll, batch_size=batch_size,
+                         desc="held-out NLL", progress=progress)
+    return sum(t for t, _ in sums) / max(sum(n for _, n in sums), 1)
 
 
-@torch.no_grad()
 def heldout_kl(
     model: nn.Module, reference: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 32,
     chunk_size: int | None = None, backend: str = "auto", progress: bool = False,
 ) -> dict[str, float]:
     """Mean per-token KL(reference || model) and NLL on the answers, from the fused KD loss."""
-    model.eval()
-    reference.eval()
-    s_wrap, r_wrap = HiddenAndHead(model), HiddenAndHead(reference)
-    device = next(model.parameters()).device
-    nll = kl = 0.0
-    count = 0
-    for chunk in _chunks(examples, batch_size, "held-out KL", progress):
-        b = {k: v.to(device) for k, v in sft_batch(chunk, pad_id).items()}
-        sh, sw, sb = s_wrap(b["input_ids"], b["attention_mask"])
-        rh, rw, rb = r_wrap(b["input_ids"], b["attention_mask"])
+
+    def kl(chunk: list[Example], b: dict[str, Tensor], student: Head, ref: Head) -> list[tuple[float, float, int]]:
+        (sh, sw, sb), (rh, rw, rb) = student, ref
         _, comp = proxy_kd_loss(sh, sw, b["labels"], proxy_hidden=rh, proxy_weight=rw, proxy_bias=rb, student_bias=sb,
                                 alpha=1.0, reduction="sum", return_components=True, chunk_size=chunk_size,
                                 backend=backend)
-        nll += float(comp["nll"])
-        kl += float(comp["kd"])
-        count += int(comp["valid_tokens"])
-    return {"nll": nll / max(count, 1), "kl": kl / max(count, 1), "tokens": count}
+        return [(float(comp["nll"]), float(comp["kd"]), int(comp["valid_tokens"]))]
+
+    sums = score_batches([model, reference], examples, lambda c: sft_batch(c, pad_id), kl, batch_size=batch_size,
+                         desc="held-out KL", progress=progress)
+    count = sum(n for _, _, n in sums)
+    return {"nll": sum(x for x, _, _ in sums) / max(count, 1), "kl": sum(x for _, x, _ in sums) / max(count, 1),
+            "tokens": count}
 
 
 @torch.no_grad()
@@ -99,26 +76,41 @@ def generation_samples(
     ]
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Run the evaluation of `cfg.model` on `cfg.data`; write JSON to `cfg.output` when set."""
-    device = default_device()
+def evaluate(cfg: EvalConfig, accelerator: Any = None) -> dict[str, Any]:
+    """Run the evaluation of `cfg.model` on `cfg.data`; write JSON to `cfg.output` when set.
+
+    Under several processes only the main one evaluates (the others wait and return its device only).
+    """
+    from .bootstrap import make_accelerator
+
+    acc = accelerator or make_accelerator()
+    device = acc.device
+    result: dict[str, Any] = {"model": cfg.model, "data": cfg.data, "device": str(device)}
+    if acc.is_main_process:
+        result.update(_evaluate(cfg, device))
+        if cfg.output:
+            Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.output).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    acc.wait_for_everyone()
+    return result
+
+
+def _evaluate(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
+    """The evaluation itself, on one device."""
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, cfg.dtype).to(device)
     records = load_records(cfg.data)
     lo, hi = parse_split(cfg.split, len(records))
     examples = tokenize_records(records[lo:hi], tok, cfg.max_length)
-    result: dict[str, Any] = {"model": cfg.model, "data": cfg.data, "samples_evaluated": len(examples),
-                              "device": str(device)}
+    result: dict[str, Any] = {"samples_evaluated": len(examples)}
+    bs = cfg.per_device_eval_batch_size
     if cfg.reference:
         ref = load_model(cfg.reference, cfg.dtype).to(device)
         check_same_vocab(ref, model, ("reference", "model"))
-        result.update(heldout_kl(model, ref, examples, tok.pad_token_id, cfg.batch_size, cfg.chunk_size, cfg.backend,
+        result.update(heldout_kl(model, ref, examples, tok.pad_token_id, bs, cfg.chunk_size, cfg.backend,
                                  progress=cfg.progress))
     else:
-        result["nll"] = heldout_nll(model, examples, tok.pad_token_id, cfg.batch_size, cfg.chunk_size, cfg.backend,
+        result["nll"] = heldout_nll(model, examples, tok.pad_token_id, bs, cfg.chunk_size, cfg.backend,
                                     progress=cfg.progress)
     result["generations"] = generation_samples(model, tok, examples[: cfg.num_samples], cfg.max_new_tokens)
-    if cfg.output:
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result

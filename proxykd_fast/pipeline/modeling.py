@@ -153,30 +153,32 @@ class HiddenAndHead(nn.Module):
     """Wrap a causal LM so that forward returns (last hidden state, head weight, head bias).
 
     Training calls go through this module's forward, so DDP/accelerate hooks fire, and the
-    fused losses then read the head without any [tokens x vocab] logits.
+    fused losses then read the head without any [tokens x vocab] logits. With `autocast` (e.g.
+    torch.bfloat16) the backbone runs under torch.autocast and its hidden states come back in the
+    head's dtype, so the fused losses and the head stay in the weights' precision.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, autocast: torch.dtype | None = None) -> None:
         super().__init__()
         check_supported(model)
         self.model = model
+        self.autocast = autocast
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Backbone hidden states (scaled by logit_scale) and the head parameters."""
-        out = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        weight, bias = head_params(self.model)
+        if self.autocast is None:
+            out = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        else:
+            with torch.autocast(device_type=input_ids.device.type, dtype=self.autocast):
+                out = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        if self.autocast is not None:
+            hidden = hidden.to(weight.dtype)
         scale = logit_scale(self.model)
         if scale != 1.0:
             hidden = hidden * scale
-        weight, bias = head_params(self.model)
         return hidden, weight, bias
-
-
-def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Last hidden state of the backbone (scaled by logit_scale) for a plain or wrapped model."""
-    if isinstance(_unwrap(model), HiddenAndHead):
-        return model(input_ids, attention_mask)[0]
-    return HiddenAndHead(_unwrap(model))(input_ids, attention_mask)[0]
 
 
 def check_same_vocab(a: Any, b: Any, names: tuple[str, str] = ("proxy", "student")) -> None:

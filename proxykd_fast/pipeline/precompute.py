@@ -18,13 +18,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch import Tensor
 
 from proxykd_fast.losses import linear_topk, sequence_log_probs
 
+from .bootstrap import open_run, start_stage
 from .config import PrecomputeConfig, parse_split
-from .data import Example, count_records, iter_chunks, iter_records, sft_batch, tokenize_records
-from .modeling import HiddenAndHead, check_model_matches_tokenizer, check_same_vocab, load_model, load_tokenizer
-from .runinfo import clear_outputs, start_run
+from .data import Example, count_records, iter_records, sft_batch, tokenize_records
+from .modeling import check_model_matches_tokenizer, check_same_vocab, load_model, load_tokenizer
+from .scoring import Head, score_batches
 from .targets import (
     MANIFEST,
     WEIGHTS,
@@ -40,27 +42,25 @@ RUN_INFO = "precompute_run.json"
 RUN_KEYS = ("proxy", "tokenizer", "data", "split", "top_k", "shard_size", "max_length", "format", "dtype")
 
 
-@torch.no_grad()
 def compute_rows(
     model: torch.nn.Module, examples: list[Example], pad_id: int, cfg: PrecomputeConfig, bar: Any = None,
 ) -> list[TargetRow]:
     """Top-k targets and answer log-likelihood of each example under the proxy."""
-    wrapped = HiddenAndHead(model)
-    device = next(model.parameters()).device
-    rows = []
-    for chunk in iter_chunks(examples, cfg.batch_size):
-        b = {k: v.to(device) for k, v in sft_batch(chunk, pad_id).items()}
-        hidden, w, bias = wrapped(b["input_ids"], b["attention_mask"])
+
+    def targets(chunk: list[Example], b: dict[str, Tensor], head: Head) -> list[TargetRow]:
+        hidden, w, bias = head
         ids, lps = linear_topk(hidden, w, cfg.top_k, bias=bias, chunk_size=cfg.chunk_size, backend=cfg.backend)
         ll = sequence_log_probs(hidden, w, b["labels"], bias=bias, chunk_size=cfg.chunk_size, backend=cfg.backend)
+        rows = []
         for r, e in enumerate(chunk):
             plen, n = len(e.prompt), len(e.answer)
             sl = slice(plen - 1, plen - 1 + n)
             rows.append(TargetRow(e.index, e.prompt + e.answer, plen, ids[r, sl].cpu().numpy(),
                                   lps[r, sl].float().cpu().numpy(), float(ll[r]), n))
-        if bar is not None:
-            bar.update(len(chunk))
-    return rows
+        return rows
+
+    return score_batches(model, examples, lambda c: sft_batch(c, pad_id), targets,
+                         batch_size=cfg.per_device_eval_batch_size, desc="precompute", bar=bar)
 
 
 def _stage_files(out: Path) -> list[Path]:
@@ -70,24 +70,33 @@ def _stage_files(out: Path) -> list[Path]:
         + sorted(out.glob(".shard-*.tmp"))
 
 
-def precompute(cfg: PrecomputeConfig) -> dict[str, Any]:
-    """Write shards of top-k targets (with `resume`, skipping shards already written), then the weights and manifest."""
+def precompute(cfg: PrecomputeConfig, accelerator: Any = None) -> dict[str, Any]:
+    """Write shards of top-k targets (with `resume`, skipping shards already written), then the weights and manifest.
+
+    Under several processes only the main one computes (the others wait and return an empty dict).
+    """
+    acc = start_stage(cfg, accelerator)
+    result: dict[str, Any] = {}
+    if acc.is_main_process:
+        result = _precompute(cfg, acc)
+    acc.wait_for_everyone()
+    return result
+
+
+def _precompute(cfg: PrecomputeConfig, acc: Any) -> dict[str, Any]:
+    """The precompute run itself, on the main process."""
     t0 = time.perf_counter()
     tok = load_tokenizer(cfg.tokenizer or cfg.proxy)
     if cfg.tokenizer:
         check_same_vocab(load_tokenizer(cfg.proxy), tok, ("proxy", "student"))
     model = load_model(cfg.proxy, cfg.dtype)
     check_model_matches_tokenizer(model, tok, "proxy")
-    if torch.cuda.is_available():
-        model = model.cuda()
-    model.eval()
+    model = model.to(acc.device).eval()
     total = count_records(cfg.data)  # a streaming pass: only the count is kept
     lo, hi = parse_split(cfg.split, total)
     out = Path(cfg.output_dir)  # created only once the inputs have loaded
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
-        clear_outputs(_stage_files(out), True)
-    start_run(out / RUN_INFO, {k: getattr(cfg, k) for k in RUN_KEYS}, cfg.resume, True, "precompute")
+    open_run(cfg, acc, stage="precompute", out=out, record=RUN_INFO, clear=_stage_files(out), identity_keys=RUN_KEYS,
+             sync=False)  # the other processes wait at the end
     (out / MANIFEST).unlink(missing_ok=True)  # the manifest marks a complete run: rewritten at the end
     n = hi - lo
     n_shards = (n + cfg.shard_size - 1) // cfg.shard_size
@@ -124,3 +133,4 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, Any]:
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return {**manifest, "written": written, "skipped": skipped, "seconds": time.perf_counter() - t0}
+

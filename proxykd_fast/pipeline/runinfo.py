@@ -1,8 +1,15 @@
-"""Fresh starts and resumes: clear a stage's own outputs, or check that a resumed run has the same config."""
+"""Fresh starts and resumes: clear a stage's own outputs, or check that a resumed run has the same options.
+
+A run's identity is the options that decide its result. Where its outputs go (`output_dir`) and
+how it is watched (progress, reporters, logging cadence, checkpoint retention) are not part of it,
+so a run directory can be respelled (`./run`, an absolute path) or moved and still resume. Options
+that name local files are compared as resolved absolute paths.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,13 +18,38 @@ from typing import Any
 from .modeling import PipelineError
 
 # Options that may change between an interrupted run and its resume without changing the result.
-VOLATILE_OPTIONS = ("resume", "max_steps_this_run", "progress", "report_to", "log_every")
+VOLATILE_OPTIONS = ("resume", "resume_from_checkpoint", "max_steps_this_run", "progress", "report_to",
+                    "logging_steps", "log_every", "output_dir", "save_total_limit")
 
 
-def run_options(options: dict[str, Any], exclude: Iterable[str] = VOLATILE_OPTIONS) -> dict[str, Any]:
-    """The options that define a run, JSON-normalised (tuples become lists) so they compare with a stored copy."""
-    skip = set(exclude)
-    return json.loads(json.dumps({k: v for k, v in options.items() if k not in skip}, default=str))
+def canonical_path(value: Any) -> Any:
+    """An existing local path as its resolved absolute form; anything else (a Hub id, None) unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    p = Path(value).expanduser()
+    return str(p.resolve()) if os.path.exists(p) else value
+
+
+def path_options(cfg: Any) -> set[str]:
+    """Names of the config options that hold local paths (the config class's PATH_OPTIONS)."""
+    return set(getattr(cfg, "PATH_OPTIONS", ()))
+
+
+def run_options(options: dict[str, Any], exclude: Iterable[str] = VOLATILE_OPTIONS,
+                paths: Iterable[str] = ()) -> dict[str, Any]:
+    """The options that define a run, JSON-normalised (tuples become lists), paths resolved, so they compare."""
+    skip, as_path = set(exclude), set(paths)
+    kept = {k: canonical_path(v) if k in as_path else v for k, v in options.items() if k not in skip}
+    return json.loads(json.dumps(kept, default=str))
+
+
+def run_identity(cfg: Any, keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """The identity of the run `cfg` describes: its result-deciding options (all but VOLATILE_OPTIONS, or `keys`)."""
+    options = cfg.to_dict()
+    if keys is not None:
+        wanted = set(keys)
+        options = {k: v for k, v in options.items() if k in wanted}
+    return run_options(options, paths=path_options(cfg))
 
 
 def clear_outputs(paths: Iterable[Path], is_main: bool) -> None:
@@ -31,11 +63,22 @@ def clear_outputs(paths: Iterable[Path], is_main: bool) -> None:
             p.unlink()
 
 
-def start_run(path: Path, info: dict[str, Any], resume: bool, is_main: bool, stage: str) -> None:
-    """Record the run's options in `path`; with `resume`, first refuse options that differ from the stored ones."""
+def start_run(path: Path, info: dict[str, Any], resume: bool, is_main: bool, stage: str,
+              paths: Iterable[str] = (), aliases: dict[str, str] | None = None) -> None:
+    """Record the run's identity in `path`; with `resume`, first refuse a missing record or options that differ.
+
+    Records written by older versions may hold volatile options (output_dir) and old option names
+    (`aliases`, e.g. batch_size): the first are ignored, the second renamed, and their path options
+    resolved like today's before comparing.
+    """
     info = run_options(info, exclude=())
-    if resume and path.exists():
-        stored = json.loads(path.read_text(encoding="utf-8"))
+    if resume:
+        if not path.exists():
+            raise PipelineError(
+                f"{stage} --resume: nothing to resume in {path.parent}: no {stage} run is recorded there "
+                f"({path.name} is missing); run without --resume to start a new run")
+        stored = {(aliases or {}).get(k, k): v for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+        stored = run_options(stored, paths=paths)
         diff = sorted(k for k in set(stored) | set(info) if stored.get(k) != info.get(k))
         if diff:
             detail = "; ".join(f"{k}: stored {stored.get(k)!r}, now {info.get(k)!r}" for k in diff)

@@ -1,31 +1,48 @@
-"""Read teacher records from JSONL/JSON/parquet files, `collect` output dirs or `datasets` dirs, streaming."""
+"""Read teacher records from JSONL/JSON/parquet files, `collect` output dirs or `datasets` data, streaming.
+
+`--data` may be a file, a `collect` output dir, a directory of JSONL/parquet files, a
+`datasets.save_to_disk` dir, or anything `datasets.load_dataset` loads (a local dataset directory
+in the Hub layout, or a dataset name already in the local cache; its `train` split).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from proxykd_fast.jsonl import read_jsonl
+
+COLLECT_RECORDS = "records.jsonl"  # teacher.store.RECORDS_FILE
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
 
 
 def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
     """Yield records one by one (JSONL and parquet are streamed; a .json file is read whole)."""
     p = Path(path)
     if p.is_dir():
-        if (p / "records.jsonl").exists():
-            yield from _dedupe(_iter_jsonl(p / "records.jsonl"))
+        if (p / COLLECT_RECORDS).exists():
+            from proxykd_fast.teacher.store import iter_records as collected  # imported lazily: the teacher is heavy
+
+            yield from collected(p)
             return
-        if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
-            yield from _iter_saved_dataset(p)
+        if any((p / name).exists() for name in SAVED_DATASET_FILES):
+            yield from _split_rows(_load_saved_dataset(p), p)
             return
         files = sorted(p.glob("*.jsonl")) + sorted(p.glob("*.parquet"))
         if not files:
-            raise FileNotFoundError(f"no records.jsonl, *.jsonl or *.parquet in {p}")
+            yield from _split_rows(_load_dataset(str(p)), p)
+            return
         for f in files:
             yield from iter_records(f)
         return
     if not p.exists():
-        raise FileNotFoundError(f"data file not found: {p}")
+        if _looks_local(str(path)):
+            raise FileNotFoundError(f"data file not found: {p}")
+        yield from _split_rows(_load_dataset(str(path)), path)
+        return
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -36,7 +53,7 @@ def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
         data = json.loads(p.read_text(encoding="utf-8"))
         yield from data if isinstance(data, list) else data.get("data", [])
         return
-    yield from _iter_jsonl(p)
+    yield from read_jsonl(p, on_bad_line="error")
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
@@ -54,35 +71,38 @@ def count_records(path: str | Path) -> int:
     return sum(1 for _ in iter_records(p))
 
 
-def _iter_saved_dataset(p: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a `datasets.save_to_disk` dir (a DatasetDict must hold a 'train' split)."""
+def _looks_local(name: str) -> bool:
+    """A missing path that cannot be a dataset name: absolute, relative with ./ or ~, or with a data file suffix."""
+    return name.startswith(("/", "./", "../", "~")) or Path(name).suffix.lower() in LOCAL_SUFFIXES
+
+
+def _load_saved_dataset(p: Path) -> Any:
+    """A `datasets.save_to_disk` dir."""
     import datasets
 
-    ds = datasets.load_from_disk(str(p))
+    return datasets.load_from_disk(str(p))
+
+
+def _load_dataset(name: str) -> Any:
+    """`datasets.load_dataset(name)` for a dataset directory or name, with a clear error when it is neither."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        raise FileNotFoundError(
+            f"data {name!r}: not a file, a collect output dir, a directory of .jsonl/.parquet files, nor a dataset "
+            f"datasets.load_dataset could load ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+
+
+def _split_rows(ds: Any, where: Any) -> Iterator[dict[str, Any]]:
+    """Rows of a Dataset, or of the 'train' split of a DatasetDict."""
+    import datasets
+
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
-            raise ValueError(f"{p} is a DatasetDict without a 'train' split (splits: {sorted(ds)})")
+            raise ValueError(f"{where} is a DatasetDict without a 'train' split (splits: {sorted(ds)})")
         ds = ds["train"]
     yield from ds
 
-
-def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Parse a JSONL file line by line, skipping blank lines and a truncated last line."""
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-
-
-def _dedupe(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Keep the first record per (prompt hash, sample index) (collect output may hold retried duplicates)."""
-    seen: set[Any] = set()
-    for r in rows:
-        key = (r.get("prompt_hash"), r.get("sample_index"))
-        if key[0] is not None and key in seen:
-            continue
-        seen.add(key)
-        yield r

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import resource
 import shutil
@@ -15,11 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .bootstrap import make_accelerator, notice
+from .checkpoint import apply_checkpoint, list_checkpoints, newest_intact_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import batch_indices
 from .metrics import MetricsLogger
-from .modeling import HiddenAndHead
+from .modeling import HiddenAndHead, PipelineError
 
 # A loss is one summed term normalised by one global item count, or several named parts each
 # normalised by its own count: count_items(batch) -> int | {part: int} and
@@ -41,13 +41,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_accelerator() -> Any:
-    """An `accelerate.Accelerator` (CPU when no GPU); works unchanged under `accelerate launch`/torchrun."""
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
-
-
 def peak_memory_mb() -> float:
     """Peak GPU memory (CUDA) or peak resident memory of the process, in MiB."""
     if torch.cuda.is_available():
@@ -61,7 +54,7 @@ def total_steps(cfg: TrainConfig, n: int, global_batch: int, epochs: float | Non
         return steps
     if cfg.max_steps > 0:
         return cfg.max_steps
-    ep = cfg.num_epochs if epochs is None else epochs
+    ep = cfg.num_train_epochs if epochs is None else epochs
     return max(1, math.ceil(ep * n / global_batch))
 
 
@@ -78,41 +71,62 @@ def train(
     eval_fn: Callable[[nn.Module], float] | None = None,
     accelerator: Any = None,
     desc: str = "train",
+    resume: bool | None = None,
+    allow_fresh: bool = False,
 ) -> TrainResult:
     """Train `model` in place for `steps` optimizer steps; resumable from `out_dir/checkpoints`.
 
-    Without `cfg.resume` the checkpoints left in `out_dir` by an earlier run are deleted first, so a
-    later `--resume` can never continue a stale run.
+    `resume` (default: the config's resume_from_checkpoint) false: the checkpoints left in `out_dir`
+    by an earlier run are deleted first, so a later `--resume` can never continue a stale run. True:
+    the newest intact checkpoint is restored (broken ones are reported and skipped); when there is
+    none the run is refused, unless `allow_fresh` (the stage knows that starting this phase at step 0
+    loses nothing) or `--resume auto`, which say so.
     """
     acc = accelerator or make_accelerator()
+    resume = bool(cfg.resume_from_checkpoint) if resume is None else resume
+    allow_fresh = allow_fresh or cfg.resume_from_checkpoint == "auto"
     out_dir = Path(out_dir)
     world, rank = acc.num_processes, acc.process_index
     ckpt_root = out_dir / "checkpoints"
-    if not cfg.resume and acc.is_main_process:
+    if not resume and acc.is_main_process:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     acc.wait_for_everyone()
-    wrapped = HiddenAndHead(model)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    wrapped = HiddenAndHead(model, autocast=torch.bfloat16 if cfg.bf16 else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     from transformers import get_scheduler
 
-    kind = cfg.lr_scheduler
-    if kind == "constant" and cfg.warmup_steps > 0:  # HF's "constant" ignores warm-up steps
+    kind = cfg.lr_scheduler_type
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * steps)
+    if kind == "constant" and warmup > 0:  # HF's "constant" ignores warm-up steps
         kind = "constant_with_warmup"
-    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     prepared = acc.prepare(wrapped)
     state: dict[str, Any] = {"best_eval": None, "bad_evals": 0, "stopped_early": False}
     best_weights: dict[str, Tensor] | None = None
     step = 0
     resume_step = None
-    if cfg.resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
-        state, best_weights = load_checkpoint(ckpt, model, optimizer, scheduler)
-        step = resume_step = int(state["step"])
-        acc.print(f"[{desc}] resumed from {ckpt} at step {step}")
+    if resume:
+        ckpt = newest_intact_checkpoint(ckpt_root, report=lambda msg: notice(acc, f"[{desc}] {msg}"))
+        if ckpt is not None:
+            state, best_weights = apply_checkpoint(ckpt, model, optimizer, scheduler)
+            step = resume_step = int(state["step"])
+            notice(acc, f"[{desc}] resumed from {ckpt.path} at step {step}")
+        elif allow_fresh:
+            notice(acc, f"[{desc}] --resume: no checkpoint of this phase in {ckpt_root}: it starts at step 0")
+        else:
+            broken = len(list_checkpoints(ckpt_root))
+            found = f"{broken} checkpoint(s) there, none intact" if broken else "none there"
+            raise PipelineError(
+                f"[{desc}] --resume: no intact checkpoint to continue from in {ckpt_root} ({found}): the interrupted "
+                "run saved none (--save-steps 0, or it stopped before its first save); run without --resume (or "
+                "with --resume auto) to start again from step 0")
     logger = MetricsLogger(out_dir / "metrics.jsonl", cfg.report_to, acc.is_main_process, resume_step,
                            run_config=cfg.to_dict(), run_name=desc)
-    micro = cfg.batch_size
-    global_batch = micro * cfg.grad_accum * world
+    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    global_batch = micro * accum * world
     history: list[dict[str, Any]] = []
     ran = 0
     model.train()
@@ -125,8 +139,8 @@ def train(
                 break
             t0 = time.perf_counter()  # the step alone: eval and checkpoint time stay out of tokens_per_s
             idx = batch_indices(n_train, global_batch, step, cfg.seed)
-            mine = idx[rank * micro * cfg.grad_accum : (rank + 1) * micro * cfg.grad_accum]
-            batches = [make_batch(mine[i * micro : (i + 1) * micro]) for i in range(cfg.grad_accum)]
+            mine = idx[rank * micro * accum : (rank + 1) * micro * accum]
+            batches = [make_batch(mine[i * micro : (i + 1) * micro]) for i in range(accum)]
             loss_total, sums, tokens = accumulate_gradients(acc, prepared, batches, count_items, loss_fn)
             if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -142,7 +156,7 @@ def train(
             row = {"step": step, "loss": loss_total, **sums,
                    "grad_norm": gnorm, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_s": tokens / max(elapsed, 1e-9), "peak_memory_mb": peak_memory_mb()}
-            if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == steps):
+            if eval_fn is not None and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == steps):
                 value = eval_fn(model)
                 model.train()
                 row["eval_nll"] = value
@@ -155,13 +169,14 @@ def train(
                     if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
                         state["stopped_early"] = True
                         acc.print(f"[{desc}] early stop at step {step} (best held-out NLL {state['best_eval']:.4f})")
-            if step % max(1, cfg.log_every) == 0 or "eval_nll" in row:
+            if step % max(1, cfg.logging_steps) == 0 or "eval_nll" in row:
                 logger.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             history.append(row)
-            if cfg.save_every and (step % cfg.save_every == 0) and acc.is_main_process:
-                save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, best_weights)
-            if cfg.save_every:
+            if cfg.save_steps and (step % cfg.save_steps == 0) and acc.is_main_process:
+                save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, best_weights,
+                                keep=cfg.save_total_limit)
+            if cfg.save_steps:
                 acc.wait_for_everyone()
     finally:
         bar.close()
@@ -170,6 +185,16 @@ def train(
     if finished and best_weights is not None:
         model.load_state_dict(best_weights)
     return TrainResult(steps=step, finished=finished, best_eval=state["best_eval"], history=history)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' gradient (activation) checkpointing of the decoder layers, non-reentrant so frozen inputs and
+    LoRA work (`activation_checkpointing_enable` where transformers has it: the old name is deprecated in 5.x)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers < 5.24
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _parts(value: Any, what: str) -> dict[str, Any]:
@@ -241,8 +266,3 @@ class _null:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def snapshot(model: nn.Module) -> dict[str, Tensor]:
-    """A detached copy of the model's weights."""
-    return copy.deepcopy({k: v.detach() for k, v in model.state_dict().items()})

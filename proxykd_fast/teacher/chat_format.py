@@ -43,3 +43,35 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     text = "".join(FALLBACK_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages)
     return list(tokenizer(text + FALLBACK_GENERATION_PROMPT)["input_ids"])
+
+
+_PROBE = "PROXYKDPROBEANSWER"
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Tokens that close an assistant turn in the chat template (e.g. <|im_end|>); [eos] when it has none."""
+    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template may refuse the probe: fall back to eos
+        return eos
+    if not isinstance(text, str) or _PROBE not in text:
+        return eos
+    tail = text[text.rindex(_PROBE) + len(_PROBE):].strip()
+    ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
+    return ids or eos
+
+
+def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Ids that end generation, in order and without repeats: the model's generation-config eos, the
+    tokenizer's eos, and the chat template's end-of-turn token (used by the server and the pipeline alike)."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, getattr(tokenizer, "eos_token_id", None), end_of_turn_ids(tokenizer)[-1:] or None):
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+    return ids

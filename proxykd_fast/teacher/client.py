@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -16,14 +17,25 @@ from urllib.parse import urlparse
 
 import openai
 
-from .errors import BadResponse, Failure, FatalAPIError, classify, parse_retry_after
+from .errors import (
+    BadResponse,
+    Failure,
+    FatalAPIError,
+    NotAnAPI,
+    base_url_hint,
+    classify,
+    describe_non_api,
+    parse_retry_after,
+)
 
 __all__ = [
     "BadResponse",
     "Completion",
     "Failure",
     "FatalAPIError",
+    "IDEMPOTENCY_HEADER",
     "Outcome",
+    "RequestIdentity",
     "RetryPolicy",
     "TeacherClient",
     "classify",
@@ -34,6 +46,30 @@ __all__ = [
 Mode = Literal["chat", "completions"]
 log = logging.getLogger(__name__)
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # draft-ietf-httpapi-idempotency-key-header; Stripe, some LLM gateways
+
+
+@dataclass
+class RequestIdentity:
+    """Names the requests of one unit so that a server honouring `Idempotency-Key` bills them once.
+
+    The key is a hash of `base` (run id, unit, request body) and `generation`. The generation
+    stays the same while attempts get no answer at all (a timeout or dropped connection: the
+    server may still be generating, and a repeat with the same key joins or replays that work)
+    and moves on after any answer (an error or an unusable body), so a server that caches
+    answers per key never hands a failed one back. `on_send(generation)` runs before every
+    attempt; the collector journals it, so after a kill the resumed run repeats the same key.
+    """
+
+    base: str
+    generation: int = 0
+    on_send: Callable[[int], None] | None = None
+
+    @property
+    def key(self) -> str:
+        """The Idempotency-Key header value for the current generation."""
+        digest = hashlib.sha256(f"{self.base}:{self.generation}".encode()).hexdigest()
+        return f"proxykd-{digest[:40]}"
 
 
 @dataclass
@@ -91,11 +127,25 @@ def resolve_api_key(env_var: str, base_url: str) -> str:
     return "EMPTY"
 
 
-def parse_body(text: str, mode: Mode) -> dict[str, Any]:
-    """Parse and check a response body; raise BadResponse if it cannot give a completion."""
+def looks_like_a_page(text: str, content_type: str | None) -> bool:
+    """True when a body that is not JSON is a web page or plain text rather than truncated JSON."""
+    ctype = (content_type or "").lower()
+    if "html" in ctype or "xml" in ctype or ctype.startswith("text/"):
+        return True
+    return text.lstrip()[:1] == "<"
+
+
+def parse_body(text: str, mode: Mode, content_type: str | None = None) -> dict[str, Any]:
+    """Parse and check a response body; raise BadResponse if it cannot give a completion.
+
+    A body that is not JSON but a web page raises NotAnAPI (a BadResponse), which the client
+    treats as fatal while no request has succeeded yet: the URL then points at no API at all.
+    """
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
+        if looks_like_a_page(text, content_type):
+            raise NotAnAPI(content_type, text) from None
         raise BadResponse(f"invalid JSON ({exc.msg})") from None
     if not isinstance(data, dict):
         raise BadResponse("body is not a JSON object")
@@ -110,6 +160,10 @@ def parse_body(text: str, mode: Mode) -> dict[str, Any]:
         content = choice.get("text")
     if not isinstance(content, str) or not content:
         raise BadResponse("empty content")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadResponse("content holds a lone surrogate (not valid Unicode)") from None
     return data
 
 
@@ -135,14 +189,17 @@ class TeacherClient:
         api_key_env: str = "OPENAI_API_KEY",
         policy: RetryPolicy | None = None,
         rng_seed: int | None = None,
+        idempotency_key: bool = True,
     ) -> None:
         self.base_url = base_url
+        self.idempotency_key = idempotency_key
         self.model = model
         self.mode = mode
         self.api_key_env = api_key_env
         self.policy = policy or RetryPolicy()
         self._rng = random.Random(rng_seed)
         self.answered = False  # has the server sent back anything at all (even an error)?
+        self.succeeded = False  # has any request given a usable completion?
         self._logged_unexpected: set[str] = set()
         # The openai client must not retry: retries are ours, so they are counted and bounded.
         self._client = openai.AsyncOpenAI(
@@ -156,14 +213,17 @@ class TeacherClient:
         """Close the underlying HTTP connections."""
         await self._client.close()
 
-    async def _attempt(self, prompt: Any, params: dict[str, Any]) -> Completion:
+    async def _attempt(self, prompt: Any, params: dict[str, Any], key: str | None = None) -> Completion:
         """Make one HTTP request and return a parsed completion (raises on any failure)."""
+        extra = {"extra_headers": {IDEMPOTENCY_HEADER: key}} if key else {}
         if self.mode == "chat":
-            call = self._client.chat.completions.with_raw_response.create(model=self.model, messages=prompt, **params)
+            call = self._client.chat.completions.with_raw_response.create(
+                model=self.model, messages=prompt, **params, **extra
+            )
         else:
-            call = self._client.completions.with_raw_response.create(model=self.model, prompt=prompt, **params)
+            call = self._client.completions.with_raw_response.create(model=self.model, prompt=prompt, **params, **extra)
         raw = await asyncio.wait_for(call, timeout=self.policy.timeout)
-        data = parse_body(raw.text, self.mode)
+        data = parse_body(raw.text, self.mode, raw.headers.get("content-type"))
         choice = data["choices"][0]
         text = choice["message"]["content"] if self.mode == "chat" else choice["text"]
         return Completion(
@@ -180,6 +240,9 @@ class TeacherClient:
         failure = classify(exc, self.base_url, self.model, self.api_key_env)
         if not failure.no_response:
             self.answered = True
+        if isinstance(exc, NotAnAPI) and not self.succeeded:
+            # A web page before any good answer: the URL is wrong, and every retry would be too.
+            return Failure("fatal", describe_non_api(200, exc.content_type, exc.text, self.base_url))
         name = type(exc).__name__
         if failure.reason.startswith("unexpected error") and name not in self._logged_unexpected:
             self._logged_unexpected.add(name)  # once per type: a systematic error must not flood the log
@@ -211,12 +274,15 @@ class TeacherClient:
         on_retry: Callable[[str, float], None] | None = None,
         on_resume: Callable[[], None] | None = None,
         stop: asyncio.Event | None = None,
+        identity: RequestIdentity | None = None,
     ) -> Outcome:
         """Get one completion with up to `max_retries` retries; never raises for API failures.
 
         `on_retry(reason, delay)` is called before each backoff sleep and `on_resume()` after it.
         Once `stop` is set no new attempt starts (a backoff sleep ends at once) and the outcome
         is a "stopped" failure; an attempt already in flight runs to its end (at most `timeout`).
+        With an `identity`, every attempt is announced to its `on_send` and, unless the client was
+        made with `idempotency_key=False`, carries its Idempotency-Key (see RequestIdentity).
         """
         start = time.monotonic()
         reasons: list[str] = []
@@ -226,12 +292,19 @@ class TeacherClient:
                 failure = Failure("stopped", "not sent: the run is stopping")
                 return Outcome(None, failure, attempt, time.monotonic() - start, reasons)
             attempt += 1
+            key = None
+            if identity is not None:
+                if identity.on_send is not None:
+                    identity.on_send(identity.generation)
+                key = identity.key if self.idempotency_key else None
             try:
-                completion = await self._attempt(prompt, params)
-                self.answered = True
+                completion = await self._attempt(prompt, params, key)
+                self.answered = self.succeeded = True
                 return Outcome(completion, None, attempt, time.monotonic() - start, reasons)
             except Exception as exc:  # every failure is classified; none may crash the run
                 failure = self._classify(exc)
+            if identity is not None and not failure.no_response:
+                identity.generation += 1  # the server answered this key: a new request needs a new one
             if failure.kind != "retry" or attempt > self.policy.max_retries:
                 return Outcome(None, self._final(failure, attempt), attempt, time.monotonic() - start, reasons)
             if stop is not None and stop.is_set():
@@ -247,17 +320,22 @@ class TeacherClient:
                     on_resume()
 
     async def check_model(self) -> None:
-        """Ask /models (with retries) so a wrong URL, key or model name fails before any billing."""
+        """Ask /models (with retries) so a wrong URL, key or model name fails before any billing.
+
+        A 200 that is not JSON (a web page) is fatal at once; a 404 on a base URL without /v1
+        is fatal too when {base}/v1/models answers, with that URL as the fix.
+        """
         attempt = 0
         while True:
             attempt += 1
             try:
-                page = await asyncio.wait_for(self._client.models.list(), timeout=self.policy.timeout)
+                raw = await asyncio.wait_for(self._client.models.with_raw_response.list(), timeout=self.policy.timeout)
                 self.answered = True
                 break
             except Exception as exc:
                 if isinstance(exc, openai.NotFoundError):
                     self.answered = True
+                    await self._check_v1_alternative()
                     return  # the server has no /models endpoint; the first request will tell
                 failure = self._classify(exc)
             if failure.kind == "permanent":
@@ -274,10 +352,40 @@ class TeacherClient:
                     f"after {attempt} attempts"
                 )
             await asyncio.sleep(self._delay(failure, attempt))
-        ids = [m.id for m in getattr(page, "data", [])]
+        ids = self._model_ids(raw.text, raw.headers.get("content-type"), raw.status_code)
         if ids and self.model not in ids:
             shown = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
             raise FatalAPIError(f"model {self.model!r} is not served at {self.base_url} (available: {shown})")
+
+    def _model_ids(self, text: str, content_type: str | None, status: int) -> list[str]:
+        """Model ids of a /models body; FatalAPIError when the body is not JSON (no API there)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            raise FatalAPIError(describe_non_api(status, content_type, text, self.base_url)) from None
+        models = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(models, list):
+            log.warning("%s/models answered JSON that is not a model list; not checking the model name", self.base_url)
+            return []
+        return [str(m["id"]) for m in models if isinstance(m, dict) and "id" in m]
+
+    async def _check_v1_alternative(self) -> None:
+        """After a 404 on /models: if the base URL lacks /v1 and {base}/v1/models answers, say so (fatal)."""
+        if not base_url_hint(self.base_url):
+            return
+        alternative = self.base_url.rstrip("/") + "/v1"
+        try:
+            raw = await asyncio.wait_for(
+                self._client.with_options(base_url=alternative).models.with_raw_response.list(),
+                timeout=self.policy.timeout,
+            )
+            json.loads(raw.text)
+        except Exception:  # no API there either: the first request will tell
+            return
+        raise FatalAPIError(
+            f"nothing answers at {self.base_url}/models (404), but {alternative}/models does: "
+            f"use --base-url {alternative}"
+        )
 
 
 async def _sleep(delay: float, stop: asyncio.Event | None) -> None:

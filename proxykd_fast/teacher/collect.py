@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -10,9 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .client import FatalAPIError, Mode, RetryPolicy, TeacherClient
+from proxykd_fast.options import option
+
+from .client import FatalAPIError, Mode, RequestIdentity, RetryPolicy, TeacherClient
+from .journal import InflightJournal
 from .progress import ProgressBar, Stats
-from .prompts import PromptsError, format_bad_lines, prompt_hash, read_prompts
+from .prompts import PromptsError, canonical_json, format_bad_lines, prompt_hash, read_prompts
 from .records import RecordFormat, Unit, build_failure, build_record
 from .store import OutputDir, StoreError
 
@@ -23,37 +27,49 @@ class CollectError(RuntimeError):
     """A run that cannot start or must stop: bad input, locked output, auth, unknown model, no server."""
 
 
+_R = RetryPolicy  # the retry defaults live there once
+
+
 @dataclass
 class CollectConfig:
-    """Everything a collection run needs; the CLI flags map one to one onto these fields."""
+    """Everything a collection run needs; `proxykd collect` parses its flags and `--config` YAML from these fields."""
 
-    prompts: Path | str
-    out: Path | str
-    base_url: str
-    model: str
-    n_per_prompt: int = 1
-    concurrency: int = 8
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout: float = 60.0
-    max_retries: int = 6
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    max_retry_after: float = 60.0
-    mode: Mode = "chat"
-    on_bad_line: Literal["skip", "error"] = "error"
-    price_input_per_1k: float = 0.0
-    price_output_per_1k: float = 0.0
-    format: RecordFormat = "prompt_completion"
-    progress: bool = True
-    fsync_every: int = 8
-    fsync_interval: float = 2.0
-    check_model: bool = True
-    allow_config_change: bool = False
-    max_consecutive_failures: int = 50
+    prompts: Path | str = option(help="JSONL with {'prompt': ...} or {'messages': [...]} per line (required)")
+    out: Path | str = option(help="output directory (records.jsonl, failures.jsonl, run.json) (required)")
+    base_url: str = option(help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (required)")
+    model: str = option(help="teacher model name (required)")
+    n_per_prompt: int = option(1, help="samples per prompt")
+    concurrency: int = option(8, help="requests in flight")
+    max_tokens: int | None = option(None, help="most tokens per answer (unset: the server's default)")
+    temperature: float | None = option(None, help="sampling temperature (unset: the server's default)")
+    top_p: float | None = option(None, help="nucleus top-p (unset: the server's default)")
+    seed: int | None = option(None, help="base seed; sample k uses seed + k")
+    api_key_env: str = option("OPENAI_API_KEY", help="environment variable holding the API key")
+    timeout: float = option(_R.timeout, help="seconds per attempt")
+    max_retries: int = option(_R.max_retries, help="retries per request")
+    backoff_base: float = option(_R.backoff_base, help="first backoff in seconds (doubles each retry)")
+    backoff_max: float = option(_R.backoff_max, help="longest backoff in seconds")
+    max_retry_after: float = option(_R.max_retry_after, help="cap on a server's Retry-After, in seconds")
+    mode: Mode = option("chat", help="chat (/v1/chat/completions) or completions (/v1/completions, string prompts)")
+    on_bad_line: Literal["skip", "error"] = option("error", help="malformed prompt lines: refuse the run, or skip them")
+    price_input_per_1k: float = option(0.0, help="price per 1k prompt tokens (for the cost estimate)")
+    price_output_per_1k: float = option(0.0, help="price per 1k completion tokens (for the cost estimate)")
+    format: RecordFormat = option("prompt_completion", help="record format: prompt_completion or messages (chat only)")
+    progress: bool = option(True, help="show a progress bar")
+    fsync_every: int = option(8, help="fsync records.jsonl every N lines")
+    fsync_interval: float = option(2.0, help="... or once the oldest unsynced line is this many seconds old")
+    check_model: bool = option(True, aliases=("model_check",), help="check /models for the teacher before starting")
+    allow_config_change: bool = option(False, help="resume even if the sampling settings changed")
+    max_consecutive_failures: int = option(50, help="stop after this many failures in a row (0: never)")
+    idempotency_key: bool = option(True, help=(
+        "send an Idempotency-Key header, so a server that honours it bills a resumed request once; "
+        "--no-idempotency-key for a server or proxy that rejects it (an interrupted run may then be billed again "
+        "for up to --concurrency requests)"))
+
+    def retry_policy(self) -> RetryPolicy:
+        """The client's retry policy from these settings."""
+        return RetryPolicy(max_retries=self.max_retries, timeout=self.timeout, backoff_base=self.backoff_base,
+                           backoff_max=self.backoff_max, max_retry_after=self.max_retry_after)
 
     def validate(self) -> None:
         """Refuse option combinations that would write misleading records (CollectError saying why)."""
@@ -90,6 +106,11 @@ class CollectConfig:
             params["seed"] = self.seed + sample_index
         return params
 
+    def identity_base(self, run_id: str, unit: Unit) -> str:
+        """What an idempotency key names: this output dir's run, this unit, this exact request body."""
+        body = canonical_json({"model": self.model, "mode": self.mode, "params": self.request_params(unit.sample_index)})
+        return f"{run_id}:{unit.prompt_hash}:{hashlib.sha256(body.encode()).hexdigest()}"
+
 
 @dataclass
 class CollectSummary:
@@ -111,6 +132,7 @@ class CollectSummary:
     cost: float = 0.0
     elapsed_s: float = 0.0
     repaired_bytes: int = 0
+    interrupted: int = 0
 
     @property
     def remaining(self) -> int:
@@ -139,6 +161,11 @@ class CollectSummary:
             lines.append("  failures: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.failure_reasons.items())))
         if self.repaired_bytes:
             lines.append(f"  repaired a truncated last line ({self.repaired_bytes} bytes dropped)")
+        if self.interrupted:
+            lines.append(
+                f"  resumed: {self.interrupted} unit(s) were in flight when a previous run stopped and may have "
+                "been billed; they were sent again with the same Idempotency-Key"
+            )
         return "\n".join(lines)
 
 
@@ -176,30 +203,40 @@ def plan_units(config: CollectConfig, summary: CollectSummary) -> list[Unit]:
     return units
 
 
-async def housekeeping(store: OutputDir, bar: ProgressBar, period: float) -> None:
+async def housekeeping(
+    store: OutputDir, bar: ProgressBar, period: float, journal: InflightJournal | None = None
+) -> None:
     """Every `period` seconds: fsync lines older than the fsync interval, draw changed counters."""
     while True:
         await asyncio.sleep(period)
         store.sync_stale()
+        if journal is not None:
+            journal.sync_stale()
         bar.flush()
 
 
-async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, stats: Stats, bar: ProgressBar) -> None:
+async def _run(
+    config: CollectConfig,
+    units: Iterator[Unit],
+    store: OutputDir,
+    journal: InflightJournal,
+    stats: Stats,
+    bar: ProgressBar,
+) -> None:
     """Drive `concurrency` workers over the pending units until done or a fatal error.
 
     A fatal error (auth, unknown model, unreachable server, too many failures in a row) stops
     handing out units and ends backoff sleeps, but lets requests already in flight finish (each
     within its timeout) and writes their answers, which were paid for; then it raises.
     """
-    policy = RetryPolicy(
-        max_retries=config.max_retries,
-        timeout=config.timeout,
-        backoff_base=config.backoff_base,
-        backoff_max=config.backoff_max,
-        max_retry_after=config.max_retry_after,
-    )
+    policy = config.retry_policy()
     client = TeacherClient(
-        config.base_url, config.model, mode=config.mode, api_key_env=config.api_key_env, policy=policy
+        config.base_url,
+        config.model,
+        mode=config.mode,
+        api_key_env=config.api_key_env,
+        policy=policy,
+        idempotency_key=config.idempotency_key,
     )
     consecutive_failures = 0
     stop = asyncio.Event()
@@ -222,8 +259,13 @@ async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, s
         for unit in units:
             if stop.is_set():
                 return  # the unit stays pending for the next run
+            identity = RequestIdentity(
+                config.identity_base(store.run_id, unit),
+                generation=journal.generations.get(unit.prompt_hash, 0),
+                on_send=lambda g, h=unit.prompt_hash: journal.sent(h, g),
+            )
             outcome = await client.complete(
-                unit.prompt, config.request_params(unit.sample_index), on_retry, on_resume, stop
+                unit.prompt, config.request_params(unit.sample_index), on_retry, on_resume, stop, identity
             )
             if outcome.completion is not None:
                 record = build_record(
@@ -249,6 +291,7 @@ async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, s
                 halt(failure.reason)
                 return
             store.failures.write(build_failure(unit, failure, outcome.attempts, outcome.retry_reasons))
+            journal.failed(unit.prompt_hash, identity.generation)
             stats.failed += 1
             stats.failure_reasons[failure.reason] += 1
             bar.refresh(advance=1)
@@ -261,7 +304,7 @@ async def _run(config: CollectConfig, units: Iterator[Unit], store: OutputDir, s
                 return
 
     tasks: list[asyncio.Task] = []
-    ticker = asyncio.create_task(housekeeping(store, bar, min(0.5, config.fsync_interval / 2)))
+    ticker = asyncio.create_task(housekeeping(store, bar, min(0.5, config.fsync_interval / 2), journal))
     try:
         if config.check_model:
             await client.check_model()
@@ -298,19 +341,29 @@ async def acollect(config: CollectConfig) -> CollectSummary:
         done = store.open(config.run_info(), allow_config_change=config.allow_config_change)
     except StoreError as exc:
         raise CollectError(str(exc)) from None
+    journal = InflightJournal(store)
     try:
+        journal.open(done)
         summary.repaired_bytes = store.repaired_bytes
         pending = [u for u in units if u.prompt_hash not in done]
         summary.already_done = len(units) - len(pending)
+        summary.interrupted = sum(u.prompt_hash in journal.interrupted for u in pending)
+        if summary.interrupted:
+            log.warning(
+                "%d unit(s) were in flight when a previous run stopped: the teacher may have billed them; "
+                "they are sent again with the same Idempotency-Key (billed again unless the server honours it)",
+                summary.interrupted,
+            )
         stats = Stats(config.price_input_per_1k, config.price_output_per_1k)
         if pending:
             bar = ProgressBar(stats, total=len(units), initial=summary.already_done, enabled=config.progress)
             try:
-                await _run(config, iter(pending), store, stats, bar)
+                await _run(config, iter(pending), store, journal, stats, bar)
             finally:
                 bar.close()
                 _fill_summary(summary, stats)
     finally:
+        journal.close()
         store.close()
         summary.elapsed_s = time.monotonic() - start
     return summary

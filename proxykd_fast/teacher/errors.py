@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +18,40 @@ class FatalAPIError(RuntimeError):
 
 class BadResponse(Exception):
     """A 2xx response that cannot be used (invalid JSON, no choices, empty content)."""
+
+
+class NotAnAPI(BadResponse):
+    """A 2xx response that is not JSON at all but a web page (HTML) or other text: the URL is not an API."""
+
+    def __init__(self, content_type: str | None, text: str) -> None:
+        super().__init__(f"not JSON but {content_type or 'text'}")
+        self.content_type, self.text = content_type, text
+
+
+_VERSION_SEGMENT = re.compile(r"^v\d+[a-z0-9]*$", re.IGNORECASE)
+
+
+def base_url_hint(base_url: str) -> str:
+    """A hint to add /v1 when `base_url` has no version segment in its path (e.g. http://host:8000)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(base_url)
+    if any(_VERSION_SEGMENT.match(seg) for seg in parsed.path.split("/")):
+        return ""
+    return (
+        f"; the base URL has no /v1 in its path, and OpenAI-compatible servers serve the API under /v1: "
+        f"try --base-url {base_url.rstrip('/')}/v1"
+    )
+
+
+def describe_non_api(status: int, content_type: str | None, text: str, url: str) -> str:
+    """The message for a 2xx answer that is not JSON: what came back and where to look instead."""
+    snippet = " ".join(text[:80].split())
+    return (
+        f"the teacher at {url} is not an OpenAI-compatible API: it answered {status} with "
+        f"{content_type or 'no content type'} ({snippet!r}...) instead of JSON; check --base-url "
+        f"(it must be the API's base URL, not a web page or a login proxy){base_url_hint(url)}"
+    )
 
 
 @dataclass
@@ -119,6 +154,8 @@ def classify(exc: BaseException, base_url: str, model: str, key_env: str) -> Fai
         cause = exc.__cause__
         detail = type(cause).__name__ if cause is not None else "connection failed"
         return Failure("retry", f"connection error ({detail})", no_response=True)
+    if isinstance(exc, NotAnAPI):
+        return Failure("retry", "bad response: not JSON (a web page?)")
     if isinstance(exc, BadResponse):
         return Failure("retry", f"bad response: {exc}")
     if isinstance(exc, openai.APIStatusError):
@@ -136,6 +173,9 @@ def classify(exc: BaseException, base_url: str, model: str, key_env: str) -> Fai
                 f"authentication failed ({code}) at {base_url}: {msg}. Set the API key in ${key_env}.",
             )
         if code == 404:
+            hint = base_url_hint(base_url)
+            if hint and getattr(exc, "code", None) != "model_not_found":
+                return Failure("fatal", f"not found (404) at {base_url}: {msg}{hint}")
             return Failure("fatal", f"not found (404) at {base_url} for model {model!r}: {msg}")
         return Failure("permanent", f"request rejected ({code}): {msg}")
     return _classify_unknown(exc)

@@ -1,31 +1,34 @@
 """Fault injection for the local teacher server, to prove the collector survives a flaky API.
 
-An ASGI middleware in front of the completion endpoints draws from a seeded RNG per request
-and may answer 429 (with Retry-After), 500 or 503, stall past the client's timeout, drop the
-connection mid-response, or answer 200 with a body the client cannot use: malformed JSON, no
-`choices`, or empty content. Counts of injected faults are kept so tests can check them
+An ASGI middleware in front of the completion endpoints may answer 429 (with Retry-After),
+500 or 503, stall until the client times out (or `slow_seconds` pass), drop the connection
+mid-response, or answer 200 with a body the client cannot use: malformed JSON, no `choices`,
+or empty content.
+
+Which fault (if any) a request gets is a pure function of the seed, the request (endpoint and
+body) and how many times that same request has arrived before: the n-th attempt of a given
+request always meets the same fault, however many requests run concurrently and in whatever
+order they arrive. (Requests with identical bodies, e.g. several unseeded samples of one
+prompt, share one schedule; the Idempotency-Key is left out because it holds a random run id.) Counts of injected faults are kept so tests can check them
 against the collector's retry counters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
-import random
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .asgi import App, Receive, Scope, Send, read_body, replay_body
 
 # New kinds go at the end: the draw walks this order, so seeded runs keep their old faults.
 FAULT_KINDS = ("429", "500", "503", "slow", "drop", "malformed", "no_choices", "empty_content")
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 @dataclass
@@ -70,28 +73,50 @@ class _HideInjectedDrops(logging.Filter):
         return not isinstance(exc, InjectedDrop)
 
 
+def request_fingerprint(path: str, body: bytes) -> str:
+    """What identifies "the same request" across attempts: the endpoint and the body (canonical JSON)."""
+    try:
+        canon = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode()
+    except (ValueError, UnicodeDecodeError):
+        canon = body
+    return hashlib.sha256(path.encode() + b"\0" + canon).hexdigest()
+
+
+def schedule_value(seed: int, fingerprint: str, attempt: int) -> float:
+    """A uniform draw in [0, 1) fixed by (seed, request fingerprint, attempt number)."""
+    digest = hashlib.sha256(f"{seed}|{fingerprint}|{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 class FaultInjector:
-    """Draws faults from a seeded RNG (thread-safe) and counts what it injected."""
+    """Picks faults by a per-request schedule (see the module docstring) and counts what it injected."""
 
     def __init__(self, config: FaultConfig) -> None:
         self.config = config
-        self._rng = random.Random(config.seed)
         self._lock = threading.Lock()
+        self._attempts: Counter = Counter()
         self.counts: Counter = Counter()
         self.requests = 0
 
-    def draw(self) -> str | None:
-        """Pick a fault kind for the next request, or None to serve it normally."""
+    def kind_for(self, fingerprint: str, attempt: int) -> str | None:
+        """The fault the `attempt`-th (1-based) arrival of request `fingerprint` gets, or None."""
+        x = schedule_value(self.config.seed, fingerprint, attempt)
+        acc = 0.0
+        for kind in FAULT_KINDS:
+            acc += self.config.rates.get(kind, 0.0)
+            if x < acc:
+                return kind
+        return None
+
+    def draw(self, fingerprint: str) -> str | None:
+        """Count one more arrival of `fingerprint` and return the fault it gets (None: serve it)."""
         with self._lock:
             self.requests += 1
-            x = self._rng.random()
-            acc = 0.0
-            for kind in FAULT_KINDS:
-                acc += self.config.rates.get(kind, 0.0)
-                if x < acc:
-                    self.counts[kind] += 1
-                    return kind
-            return None
+            self._attempts[fingerprint] += 1
+            kind = self.kind_for(fingerprint, self._attempts[fingerprint])
+            if kind is not None:
+                self.counts[kind] += 1
+            return kind
 
     @property
     def total(self) -> int:
@@ -134,7 +159,7 @@ def _error_body(message: str, type_: str, code: str | None = None) -> bytes:
 class FaultMiddleware:
     """ASGI middleware that injects the configured faults in front of the completion endpoints."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], injector: FaultInjector) -> None:
+    def __init__(self, app: App, injector: FaultInjector) -> None:
         self.app = app
         self.injector = injector
         server_log = logging.getLogger("uvicorn.error")
@@ -146,9 +171,13 @@ class FaultMiddleware:
         if scope["type"] != "http" or scope.get("path") not in cfg.paths:
             await self.app(scope, receive, send)
             return
+        body, gone = await read_body(receive)
+        if gone:
+            return
+        client_receive, receive = receive, replay_body(body, receive)
+        kind = self.injector.draw(request_fingerprint(scope["path"], body))
         if cfg.latency > 0:
             await asyncio.sleep(cfg.latency)
-        kind = self.injector.draw()
         if kind is None:
             await self.app(scope, receive, send)
         elif kind == "429":
@@ -158,8 +187,13 @@ class FaultMiddleware:
             body = _error_body(f"Injected server error {kind}.", "server_error")
             await _send_json(send, int(kind), body)
         elif kind == "slow":
-            await asyncio.sleep(cfg.slow_seconds)  # the client should have timed out by now
-            await self.app(scope, receive, send)
+            # Stall until the client gives up (its timeout) or slow_seconds pass, then serve.
+            try:
+                message = await asyncio.wait_for(client_receive(), timeout=cfg.slow_seconds)
+            except asyncio.TimeoutError:
+                message = {}
+            if message.get("type") != "http.disconnect":
+                await self.app(scope, receive, send)
         elif kind == "drop":
             # Start a response, send part of it, then fail: the server closes the socket.
             await send(

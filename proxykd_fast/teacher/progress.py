@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,11 +51,22 @@ class Stats:
 
 
 class ProgressBar:
-    """A tqdm bar over all units whose postfix shows done/failed/retrying, tokens and cost."""
+    """A tqdm bar over all units whose postfix shows done/failed/retrying, tokens and cost.
 
-    def __init__(self, stats: Stats, total: int, initial: int, enabled: bool = True) -> None:
+    `clock` (monotonic seconds) is injectable so tests can move time without sleeping.
+    """
+
+    def __init__(
+        self,
+        stats: Stats,
+        total: int,
+        initial: int,
+        enabled: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stats = stats
-        self._last = 0.0
+        self.clock = clock
+        self._last = -float("inf")
         self._dirty = False
         self._shown: dict[str, Any] = {}
         self._bar = tqdm(
@@ -86,7 +98,7 @@ class ProgressBar:
         """
         if advance:
             self._bar.update(advance)
-        now = time.monotonic()
+        now = self.clock()
         if force or now - self._last > 0.2:
             self._last = now
             self._dirty = False

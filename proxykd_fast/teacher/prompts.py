@@ -77,12 +77,42 @@ def _check_messages(messages: Any) -> list[Message]:
     return out
 
 
+def _type_name(value: Any) -> str:
+    """A JSON-flavoured name for a value's type, for error messages."""
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def check_unicode(value: Any, what: str) -> None:
+    """Raise ValueError if a string inside `value` cannot be UTF-8 encoded (a lone surrogate).
+
+    JSON allows escapes such as "\\ud800" that decode to half of a surrogate pair: valid JSON
+    but not valid Unicode, so the prompt could be neither hashed nor written back out.
+    """
+    try:
+        canonical_json(value).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(exc.object[exc.start])
+        raise ValueError(
+            f"{what} holds a lone surrogate U+{code:04X} (a \\u escape that is not valid Unicode)"
+        ) from None
+
+
 def normalize_record(obj: Any, mode: Mode) -> tuple[Prompt, str | None]:
     """Turn one parsed JSONL object into (prompt, id) for `mode`; raise ValueError if unusable."""
     if not isinstance(obj, dict):
         raise ValueError("line is not a JSON object")
     raw_id = obj.get("id")
     prompt_id = None if raw_id is None else str(raw_id)
+    if prompt_id is not None:
+        check_unicode(prompt_id, '"id"')
+    prompt, prompt_id = _normalize_prompt(obj, mode, prompt_id)
+    check_unicode(prompt, "the prompt")
+    return prompt, prompt_id
+
+
+def _normalize_prompt(obj: dict[str, Any], mode: Mode, prompt_id: str | None) -> tuple[Prompt, str | None]:
+    """The prompt of one record: a string (completions, or a chat user turn) or chat messages."""
     if "prompt" in obj:
         prompt = obj["prompt"]
         if isinstance(prompt, str):
@@ -91,8 +121,12 @@ def normalize_record(obj: Any, mode: Mode) -> tuple[Prompt, str | None]:
             if mode == "chat":
                 return [{"role": "user", "content": prompt}], prompt_id
             return prompt, prompt_id
+        if not isinstance(prompt, list):
+            raise ValueError(f'"prompt" is {_type_name(prompt)}; expected a string or a list of messages')
         messages = _check_messages(prompt)
     elif "messages" in obj:
+        if not isinstance(obj["messages"], list):
+            raise ValueError(f'"messages" is {_type_name(obj["messages"])}; expected a list of messages')
         messages = _check_messages(obj["messages"])
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]  # the reference answer is not part of the prompt
@@ -105,43 +139,28 @@ def normalize_record(obj: Any, mode: Mode) -> tuple[Prompt, str | None]:
     return messages, prompt_id
 
 
-def _decode_line(raw: bytes, line_no: int) -> str:
-    """Decode one line as strict UTF-8 (a BOM on line 1 is dropped); raise ValueError naming the byte."""
-    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        bad = raw[exc.start : exc.start + 1].hex()
-        raise ValueError(f"invalid UTF-8 (byte 0x{bad} at column {exc.start + 1})") from None
-
-
 def read_prompts(path: str | Path, mode: Mode = "chat") -> PromptsFile:
-    """Read a prompts JSONL file, keeping good lines and recording bad ones (bad UTF-8 too) with line numbers."""
+    """Read a prompts JSONL file, keeping good lines and recording bad ones (bad UTF-8 too) with line numbers.
+
+    Lines are split and parsed by `proxykd_fast.jsonl` (a BOM on line 1 is dropped; a last line cut
+    off mid-write is dropped with a warning, as for every JSONL file of the package).
+    """
+    from proxykd_fast.jsonl import iter_lines
+
     path = Path(path)
     if not path.is_file():
         raise PromptsError(f"prompts file not found: {path}")
     result = PromptsFile(path=path)
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            try:
-                line = _decode_line(raw, line_no)
-            except ValueError as exc:
-                result.bad_lines.append(BadLine(line_no, str(exc)))
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                result.bad_lines.append(BadLine(line_no, f"invalid JSON ({exc.msg})"))
-                continue
-            try:
-                prompt, prompt_id = normalize_record(obj, mode)
-            except ValueError as exc:
-                result.bad_lines.append(BadLine(line_no, str(exc)))
-                continue
-            result.items.append(PromptItem(prompt=prompt, prompt_id=prompt_id, line_no=line_no))
+    for line in iter_lines(path):
+        if line.error is not None:
+            result.bad_lines.append(BadLine(line.line_no, line.error))
+            continue
+        try:
+            prompt, prompt_id = normalize_record(line.value, mode)
+        except ValueError as exc:
+            result.bad_lines.append(BadLine(line.line_no, str(exc)))
+            continue
+        result.items.append(PromptItem(prompt=prompt, prompt_id=prompt_id, line_no=line.line_no))
     return result
 
 

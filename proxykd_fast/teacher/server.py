@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
 import logging
 import socket
 import sys
@@ -15,14 +19,39 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from .chat_format import render_chat, with_system_prompt
+from .chat_format import render_chat, stop_token_ids, with_system_prompt
 from .engine import GenerationEngine, GenResult, GenRow
 from .faults import FaultConfig, FaultInjector, FaultMiddleware
+from .idempotency import MAX_KEY_LENGTH, IdempotencyCache, KeyReused
 from .sampling import derive_seed
 
 log = logging.getLogger(__name__)
 
 MAX_N = 16
+# The hidden system prompt's share of the context is rounded up to this many tokens, so the
+# context length clients see tells them only a coarse bound on the hidden prompt's length.
+RESERVE_GRANULARITY = 256
+RESERVE_MARGIN = 8  # tokens of slack for tokenizers that merge across the hidden prompt's edge
+_PROBES = (
+    [{"role": "user", "content": "x"}],
+    [{"role": "system", "content": "x"}, {"role": "user", "content": "x"}],
+)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def key_matches(authorization: bytes | None, api_key: str) -> bool:
+    """Whether an Authorization header value is `Bearer <api_key>`, compared in constant time."""
+    expected = b"Bearer " + api_key.encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(authorization or b"", expected)
 
 
 class ClientGone(Exception):
@@ -85,9 +114,13 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 class TeacherApp:
     """The request handling: validation, prompt rendering, engine submission, response building.
 
-    The hidden system prompt must not be observable, so `usage.prompt_tokens` (and the
-    context-length error) count the prompt as the client sent it, rendered as it would be
-    without the hidden prompt; the model itself sees (and is limited by) the full prompt.
+    The hidden system prompt must not be observable. `usage.prompt_tokens` counts the prompt as
+    the client sent it, rendered as it would be without the hidden prompt, and the server acts
+    as a model whose context is `client_context` = the model's context minus a fixed reserve
+    for the hidden prompt (its token count plus a margin, rounded up to RESERVE_GRANULARITY,
+    or `hidden_prompt_reserve` when given). The context-length error, the clipping of
+    `max_tokens` (finish_reason "length") and /v1/models' `max_model_len` all use that number,
+    so nothing a client sees depends on the hidden prompt's exact length.
     """
 
     def __init__(
@@ -100,6 +133,8 @@ class TeacherApp:
         default_max_tokens: int = 256,
         context_length: int | None = None,
         api_key: str | None = None,
+        hidden_prompt_reserve: int | None = None,
+        idempotency: IdempotencyCache | None = None,
     ) -> None:
         self.engine = engine
         self.api_key = api_key
@@ -108,8 +143,45 @@ class TeacherApp:
         self.system_prompt = system_prompt
         self.default_max_tokens = default_max_tokens
         self.context_length = context_length
+        self.idempotency = idempotency
         self.created = int(time.time())
-        self.requests_ok = 0
+        self.requests_ok = 0  # answers computed (a replayed answer is not counted again)
+        self.generations = 0  # requests that reached the model: what a provider would bill
+        self._warned_reserve = False
+        self.hidden_tokens = self._hidden_overhead()
+        self.reserve = self._reserve(hidden_prompt_reserve)
+        self.client_context = None if context_length is None else context_length - self.reserve
+
+    def _hidden_overhead(self) -> int:
+        """How many tokens the hidden system prompt adds to a rendered chat (the most over probe shapes)."""
+        if not self.system_prompt:
+            return 0
+        return max(
+            len(render_chat(self.tokenizer, with_system_prompt(m, self.system_prompt)))
+            - len(render_chat(self.tokenizer, with_system_prompt(m, None)))
+            for m in _PROBES
+        )
+
+    def _reserve(self, reserve: int | None) -> int:
+        """Tokens of the model's context set aside for the hidden prompt (ValueError if it cannot fit)."""
+        if reserve is None:
+            if not self.system_prompt:
+                return 0
+            need = self.hidden_tokens + RESERVE_MARGIN
+            reserve = -(-need // RESERVE_GRANULARITY) * RESERVE_GRANULARITY
+        elif isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise ValueError(f"hidden_prompt_reserve must be an integer >= 0, got {reserve!r}")
+        elif reserve < self.hidden_tokens:
+            raise ValueError(
+                f"hidden_prompt_reserve={reserve} is less than the {self.hidden_tokens} tokens the hidden "
+                "system prompt adds to a chat"
+            )
+        if self.context_length is not None and reserve >= self.context_length:
+            raise ValueError(
+                f"the hidden system prompt needs a reserve of {reserve} tokens, which leaves nothing of the "
+                f"model's {self.context_length}-token context (shorten it or set a smaller reserve)"
+            )
+        return reserve
 
     def check_model(self, body: dict[str, Any]) -> None:
         """404 model_not_found unless the request names the served model."""
@@ -140,19 +212,25 @@ class TeacherApp:
     def _rows(self, prompt_ids: list[int], params: dict[str, Any], shown_tokens: int | None = None) -> list[GenRow]:
         """One engine row per requested choice, each with its own derived seed.
 
-        `shown_tokens` is the prompt length the client may know (without the hidden system prompt).
+        `shown_tokens` is the prompt length the client may know (without the hidden system prompt);
+        limits are checked against `client_context`, never against the model's own context.
         """
         if not prompt_ids:
             raise RequestError(400, "the prompt is empty", param="prompt")
         max_new = params["max_tokens"]
-        if self.context_length is not None:
-            room = self.context_length - len(prompt_ids)
+        if self.client_context is not None:
+            shown = len(prompt_ids) if shown_tokens is None else shown_tokens
+            room = self.client_context - shown
+            real_room = self.context_length - len(prompt_ids)
+            if real_room < room:  # the hidden prompt took more than its reserve here (a tokenizer quirk)
+                if not self._warned_reserve:
+                    self._warned_reserve = True
+                    log.warning("the hidden system prompt took more than its %d-token reserve", self.reserve)
+                room = real_room
             if room < 1:
-                shown = len(prompt_ids) if shown_tokens is None else shown_tokens
-                limit = self.context_length - (len(prompt_ids) - shown)  # what is left to the client
                 raise RequestError(
                     400,
-                    f"the prompt has {shown} tokens; this model's context length is {limit}",
+                    f"the prompt has {shown} tokens; this model's context length is {self.client_context}",
                     code="context_length_exceeded",
                 )
             max_new = min(max_new, room)
@@ -169,15 +247,11 @@ class TeacherApp:
 
     async def _run(self, rows: list[GenRow], request: Request | None = None) -> list[GenResult]:
         """Submit rows to the engine and wait; if the client disconnects, abandon the rows."""
+        self.generations += 1
         futures = [asyncio.wrap_future(self.engine.submit(r)) for r in rows]
         waiting = asyncio.ensure_future(asyncio.gather(*futures))
         try:
-            while True:
-                done, _ = await asyncio.wait({waiting}, timeout=0.05)
-                if done:
-                    return list(waiting.result())
-                if request is not None and await request.is_disconnected():
-                    raise ClientGone()
+            return list(await wait_unless_gone(waiting, request))
         except BaseException:
             for row in rows:
                 row.abandoned = True
@@ -268,11 +342,30 @@ class TeacherApp:
         }
 
     def models(self) -> dict[str, Any]:
-        """Handle /v1/models."""
-        return {
-            "object": "list",
-            "data": [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "proxykd_fast"}],
-        }
+        """Handle /v1/models (`max_model_len` as vLLM reports it: the context clients may use)."""
+        model: dict[str, Any] = {"id": self.model_name, "object": "model", "created": self.created}
+        model["owned_by"] = "proxykd_fast"
+        if self.client_context is not None:
+            model["max_model_len"] = self.client_context
+        return {"object": "list", "data": [model]}
+
+
+async def wait_unless_gone(future: asyncio.Future, request: Request | None) -> Any:
+    """Wait for `future`; raise ClientGone if the client disconnects first (`future` keeps running)."""
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=0.05)
+        if done:
+            return future.result()
+        if request is not None and await request.is_disconnected():
+            raise ClientGone()
+
+
+def _header(request: Request, name: bytes) -> bytes | None:
+    """The raw bytes of request header `name` (lower case), or None."""
+    for key, value in request.scope.get("headers") or []:
+        if key == name:
+            return value
+    return None
 
 
 def create_app(handler: TeacherApp, injector: FaultInjector | None = None) -> Any:
@@ -280,9 +373,9 @@ def create_app(handler: TeacherApp, injector: FaultInjector | None = None) -> An
     app = FastAPI(title="proxykd teacher", docs_url=None, redoc_url=None, openapi_url=None)
 
     def _check_key(request: Request) -> None:
-        """401 unless `Authorization: Bearer <api_key>` matches, when the server has a key."""
+        """401 unless `Authorization: Bearer <api_key>` matches (in constant time), when the server has a key."""
         key = handler.api_key
-        if key and request.headers.get("authorization") != f"Bearer {key}":
+        if key and not key_matches(_header(request, b"authorization"), key):
             raise RequestError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     async def _json_body(request: Request) -> dict[str, Any]:
@@ -294,12 +387,31 @@ def create_app(handler: TeacherApp, injector: FaultInjector | None = None) -> An
             raise RequestError(400, "the request body must be a JSON object")
         return body
 
+    async def _compute(request: Request, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Answer one request; with an Idempotency-Key (and a cache), at most once per key."""
+        handle = handler.chat if kind == "chat" else handler.completions
+        raw_key = _header(request, b"idempotency-key")
+        if raw_key is None or handler.idempotency is None:
+            return await handle(body, request)
+        key = raw_key.decode("latin-1")
+        if not key or len(key) > MAX_KEY_LENGTH:
+            raise RequestError(400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters", param="idempotency-key")
+        canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        fingerprint = hashlib.sha256(f"{kind}\0{canon}".encode()).hexdigest()
+        try:
+            future = handler.idempotency.start(key, fingerprint, lambda: handle(body, None))
+        except KeyReused:
+            raise RequestError(
+                422, "this Idempotency-Key was used with a different request", code="idempotency_key_reused"
+            ) from None
+        return await wait_unless_gone(future, request)  # the work goes on if this client leaves
+
     async def _answer(request: Request, kind: str) -> JSONResponse:
         request_id = f"req-{uuid.uuid4().hex}"
         try:
             _check_key(request)
             body = await _json_body(request)
-            payload = await (handler.chat(body, request) if kind == "chat" else handler.completions(body, request))
+            payload = await _compute(request, kind, body)
         except (ClientGone, ClientDisconnect):
             resp = error_response(499, "client closed the request")
         except RequestError as exc:
@@ -347,18 +459,6 @@ def create_app(handler: TeacherApp, injector: FaultInjector | None = None) -> An
     return app
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """EOS ids from the model's generation config and the tokenizer."""
-    ids: set[int] = set()
-    gen_cfg = getattr(model, "generation_config", None)
-    for value in (getattr(gen_cfg, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
-
-
 class TeacherServer:
     """Serve a model over HTTP; `start()` runs uvicorn in a background thread and returns the base URL."""
 
@@ -378,13 +478,23 @@ class TeacherServer:
         log_level: str = "warning",
         num_threads: int | None = None,
         api_key: str | None = None,
+        hidden_prompt_reserve: int | None = None,
+        idempotency_cache: int = 4096,
     ) -> None:
+        if not api_key and not is_loopback_host(host):
+            log.warning(
+                "serving on %s without an API key: anyone who can reach this address can use the model "
+                "(and its hidden system prompt); set --api-key-env, or bind 127.0.0.1",
+                host,
+            )
+        if isinstance(idempotency_cache, bool) or not isinstance(idempotency_cache, int) or idempotency_cache < 0:
+            raise ValueError(f"idempotency_cache must be an integer >= 0 (0: ignore keys), got {idempotency_cache!r}")
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.engine = GenerationEngine(
             model,
-            stop_token_ids=stop_token_ids(model, tokenizer),
+            stop_token_ids=set(stop_token_ids(tokenizer, model)),
             pad_token_id=int(pad),
             max_batch_size=max_batch_size,
             batch_wait_ms=batch_wait_ms,
@@ -399,6 +509,8 @@ class TeacherServer:
             default_max_tokens=default_max_tokens,
             context_length=context,
             api_key=api_key,
+            hidden_prompt_reserve=hidden_prompt_reserve,
+            idempotency=IdempotencyCache(idempotency_cache) if idempotency_cache else None,
         )
         self.injector = FaultInjector(faults) if faults is not None else None
         self.app = create_app(self.handler, self.injector)
@@ -432,6 +544,9 @@ class TeacherServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=1,
+            # Longer than uvicorn's 5 s, so a client's pooled connection is not closed under it
+            # while it waits out a slow request or a backoff.
+            timeout_keep_alive=65,
         )
         return uvicorn.Server(config)
 

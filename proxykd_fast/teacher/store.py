@@ -1,16 +1,24 @@
-"""Append-only JSONL storage for teacher records: crash-safe writes, repair, read-back, export."""
+"""Teacher records on disk: the collection output dir (lock, run settings, appenders), read-back, export.
+
+Lines are written, repaired and read by `proxykd_fast.jsonl`, the one JSONL module.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
+import secrets
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-log = logging.getLogger(__name__)
+from proxykd_fast.jsonl import JsonlAppender, check_fsync_settings, read_jsonl, repair_jsonl, write_jsonl
+
+__all__ = ["FAILURES_FILE", "RECORDS_FILE", "JsonlAppender", "OutputDir", "StoreError", "check_fsync_settings",
+           "iter_jsonl", "iter_records", "load_failures", "load_records", "repair_jsonl", "to_dataset", "to_parquet",
+           "write_json_atomic"]
 
 RECORDS_FILE = "records.jsonl"
 FAILURES_FILE = "failures.jsonl"
@@ -22,69 +30,31 @@ class StoreError(RuntimeError):
     """Raised when the output directory cannot be used (locked, or from an incompatible run)."""
 
 
-def repair_jsonl(path: Path) -> int:
-    """Cut a partially written last line off `path`; return how many bytes were dropped."""
-    if not path.exists():
-        return 0
-    with path.open("r+b") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        if size == 0:
-            return 0
-        fh.seek(size - 1)
-        if fh.read(1) == b"\n":
-            return 0
-        # Scan backwards in blocks for the last complete line.
-        pos, keep = size, 0
-        while pos > 0:
-            start = max(0, pos - 65536)
-            fh.seek(start)
-            block = fh.read(pos - start)
-            idx = block.rfind(b"\n")
-            if idx >= 0:
-                keep = start + idx + 1
-                break
-            pos = start
-        fh.truncate(keep)
-        fh.flush()
-        os.fsync(fh.fileno())
-    dropped = size - keep
-    log.warning("repaired %s: dropped a truncated last line of %d bytes", path, dropped)
-    return dropped
-
-
 def iter_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read every complete, valid JSON object line of `path` (invalid lines are logged and skipped)."""
-    rows: list[dict[str, Any]] = []
+    """Every JSON object line of `path` (none if it is missing); a bad line is logged and skipped, a line cut
+    by a kill dropped (`proxykd_fast.jsonl`'s one rule)."""
+    return list(read_jsonl(path, on_bad_line="skip")) if path.exists() else []
+
+
+def iter_records(out_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """The collected records of `out_dir` streamed in file order, the first one per prompt hash (a record
+    without a hash, written by hand, is kept as is)."""
+    path = Path(out_dir) / RECORDS_FILE
     if not path.exists():
-        return rows
-    with path.open("r", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.endswith("\n"):
-                log.warning("%s:%d: ignoring a truncated last line", path, line_no)
-                break
-            if not line.strip():
+        return
+    seen: set[str] = set()
+    for row in read_jsonl(path, on_bad_line="skip"):
+        key = row.get("prompt_hash")
+        if key is not None:
+            if key in seen:
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s:%d: ignoring a corrupt line", path, line_no)
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
+            seen.add(key)
+        yield row
 
 
 def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
     """Return the collected records of `out_dir`, one per prompt hash, in file order."""
-    seen: set[str] = set()
-    rows = []
-    for row in iter_jsonl(Path(out_dir) / RECORDS_FILE):
-        key = row.get("prompt_hash")
-        if key in seen:
-            continue
-        seen.add(key)
-        rows.append(row)
-    return rows
+    return list(iter_records(out_dir))
 
 
 def load_failures(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -110,78 +80,43 @@ def to_parquet(out_dir: str | Path, path: str | Path) -> Path:
     return path
 
 
-def check_fsync_settings(fsync_every: int, fsync_interval: float) -> None:
-    """Raise ValueError naming the argument unless fsync_every >= 1 and fsync_interval > 0."""
-    if isinstance(fsync_every, bool) or not isinstance(fsync_every, int) or fsync_every < 1:
-        raise ValueError(f"fsync_every must be an integer >= 1, got {fsync_every!r}")
-    if isinstance(fsync_interval, bool) or not isinstance(fsync_interval, (int, float)) or not fsync_interval > 0:
-        raise ValueError(f"fsync_interval must be a number of seconds > 0, got {fsync_interval!r}")
-
-
-class JsonlAppender:
-    """Append JSON lines: each line reaches the OS at once; an fsync follows every `fsync_every`
-    lines, or once the oldest unsynced line is `fsync_interval` seconds old (see `sync_stale`)."""
-
-    def __init__(self, path: Path, fsync_every: int = 8, fsync_interval: float = 2.0) -> None:
-        check_fsync_settings(fsync_every, fsync_interval)
-        self.path = path
-        self.fsync_every = fsync_every
-        self.fsync_interval = float(fsync_interval)
-        self._pending = 0
-        self._oldest = 0.0  # monotonic time of the oldest unsynced line
-        self.syncs = 0
-        self._fh: TextIO = path.open("a", encoding="utf-8")
-
-    @property
-    def pending(self) -> int:
-        """Lines written since the last fsync."""
-        return self._pending
-
-    def write(self, row: dict[str, Any]) -> None:
-        """Write one row as a single line; a kill -9 after this returns cannot lose it."""
-        line = json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
-        self._fh.write(line)
-        self._fh.flush()
-        now = time.monotonic()
-        if not self._pending:
-            self._oldest = now
-        self._pending += 1
-        if self._pending >= self.fsync_every or now - self._oldest >= self.fsync_interval:
-            self.sync()
-
-    def sync_stale(self) -> bool:
-        """fsync if the oldest unsynced line is `fsync_interval` old; call it periodically. True if it synced."""
-        if self._pending and time.monotonic() - self._oldest >= self.fsync_interval:
-            self.sync()
-            return True
-        return False
-
-    def sync(self) -> None:
-        """Force written lines to disk (protects against power loss, not just process death)."""
-        if self._pending:
-            os.fsync(self._fh.fileno())
-            self._pending = 0
-            self.syncs += 1
-
-    def close(self) -> None:
-        """Sync and close the file."""
-        if not self._fh.closed:
-            self.sync()
-            self._fh.close()
+def write_json_atomic(path: Path, rows: list[dict[str, Any]] | dict[str, Any], jsonl: bool = False) -> None:
+    """Replace `path` with `rows` (JSON, or JSON lines) so a kill leaves the old or the new file, never half."""
+    if jsonl:
+        write_jsonl(path, rows)  # type: ignore[arg-type]
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 class OutputDir:
-    """The collection output directory: lock, repair on open, completed hashes, appenders."""
+    """The collection output directory: lock, repair on open, completed hashes, appenders.
 
-    def __init__(self, path: str | Path, fsync_every: int = 8, fsync_interval: float = 2.0) -> None:
+    `run_id` is a random id made when the directory is first used and kept in run.json for
+    good; idempotency keys include it, so two directories never share keys.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        fsync_every: int = 8,
+        fsync_interval: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         check_fsync_settings(fsync_every, fsync_interval)
         self.path = Path(path)
         self.fsync_every = fsync_every
         self.fsync_interval = fsync_interval
+        self.clock = clock
         self._lock_fh: TextIO | None = None
         self.records: JsonlAppender | None = None
         self.failures: JsonlAppender | None = None
         self.repaired_bytes = 0
+        self.run_id = ""
 
     @property
     def records_path(self) -> Path:
@@ -207,32 +142,39 @@ class OutputDir:
             self._check_run_info(run_info, allow_config_change)
             self.repaired_bytes = repair_jsonl(self.records_path) + repair_jsonl(self.failures_path)
             done = {r["prompt_hash"] for r in iter_jsonl(self.records_path) if "prompt_hash" in r}
-            self.records = JsonlAppender(self.records_path, self.fsync_every, self.fsync_interval)
-            self.failures = JsonlAppender(self.failures_path, self.fsync_every, self.fsync_interval)
+            self.records = self.appender(RECORDS_FILE)
+            self.failures = self.appender(FAILURES_FILE)
         except BaseException:
             self.close()
             raise
         return done
 
+    def appender(self, name: str) -> JsonlAppender:
+        """An appender for file `name` of this directory, with its fsync settings and clock."""
+        return JsonlAppender(self.path / name, self.fsync_every, self.fsync_interval, self.clock)
+
     def _check_run_info(self, run_info: dict[str, Any], allow_change: bool) -> None:
         """Refuse to mix records made with different generation settings in one directory."""
         run_path = self.path / RUN_FILE
-        if run_path.exists() and not allow_change:
+        old = None
+        if run_path.exists():
             try:
                 old = json.loads(run_path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 old = None
-            if isinstance(old, dict):
-                diff = {k: (old.get(k), v) for k, v in run_info.items() if old.get(k) != v}
-                if diff:
-                    detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                    raise StoreError(
-                        f"{self.path} holds records from a run with other settings ({detail}); "
-                        "use a new --out directory or allow the change explicitly"
-                    )
-        tmp = run_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, run_path)
+        if isinstance(old, dict) and isinstance(old.get("run_id"), str) and old["run_id"]:
+            self.run_id = old["run_id"]
+        else:
+            self.run_id = secrets.token_hex(16)
+        if isinstance(old, dict) and not allow_change:
+            diff = {k: (old.get(k), v) for k, v in run_info.items() if old.get(k) != v}
+            if diff:
+                detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                raise StoreError(
+                    f"{self.path} holds records from a run with other settings ({detail}); "
+                    "use a new --out directory or allow the change explicitly"
+                )
+        write_json_atomic(run_path, {**run_info, "run_id": self.run_id})
 
     def sync_stale(self) -> None:
         """Time-based fsync of both appenders (cheap when nothing is pending)."""

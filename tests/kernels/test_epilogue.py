@@ -42,7 +42,7 @@ def _chunk(mode: str, scale: float, seed: int = 0) -> dict:
     return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
 
 
-def _run(epilogue, d: dict, opts: LossSpec, dtype: torch.dtype, need_grad: bool):  # noqa: ANN001, ANN202
+def _run(epilogue, d: dict, opts: LossSpec, dtype: torch.dtype, need_grad: bool):
     """Run one epilogue on copies of the chunk in `dtype`; return (nll, kd, dlogits)."""
     S = d["S"].to(dtype).clone()
     P = None if d["P"] is None else d["P"].to(dtype).clone()
@@ -119,7 +119,7 @@ def test_label_logit_at_block_edges(mode: str) -> None:
 
 
 @pytest.mark.parametrize("epilogue", [triton_epilogue, torch_epilogue], ids=["triton", "torch"])
-def test_scaled_ce_epilogue_is_tempered_log_prob(epilogue) -> None:  # noqa: ANN001
+def test_scaled_ce_epilogue_is_tempered_log_prob(epilogue) -> None:
     """CE on scaled logits (logit_scale = 1/T): nll = -log softmax(z/T)[y], dlogits = c (q_T - onehot) / T."""
     d = _chunk("ce", scale=3.0)
     T = 0.5

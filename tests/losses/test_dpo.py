@@ -45,10 +45,12 @@ def plain_dpo(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, *, ref_logps: T
     seq, total = plain_seq_logps(h, w, b, y, avg)
     if ref is not None:
         with torch.no_grad():
-            ref_logps = plain_seq_logps(*ref, y, avg)[0]
-    ref_logps = ref_logps.to(seq.dtype)
+            ref_logps = plain_seq_logps(*ref, y, False)[1]
+    ref_sums = ref_logps.to(seq.dtype)  # the reference is always given as sums (TRL's convention)
+    n_tok = (y != -100).sum(-1).clamp(min=1).to(seq.dtype)
+    ref_scaled = ref_sums / n_tok if avg else ref_sums
     B = h.shape[0] // 2
-    dc, dr = seq[:B] - ref_logps[:B], seq[B:] - ref_logps[B:]
+    dc, dr = seq[:B] - ref_scaled[:B], seq[B:] - ref_scaled[B:]
     m = dc - dr
     ls = label_smoothing
     if loss_type == "sigmoid":
@@ -65,10 +67,13 @@ def plain_dpo(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, *, ref_logps: T
     n_chosen = int((y[:B] != -100).sum())
     nll = -total[:B].sum() / max(n_chosen, 1)
     loss = (wts * per).sum() / B + nll_alpha * nll
-    rc, rr = (beta * dc).detach(), (beta * dr).detach()
+    # TRL logs from sums (for ipo too); with average_log_prob the per-token means the loss then uses
+    m_seq, m_ref = ((total / n_tok, ref_sums / n_tok) if average_log_prob else (total, ref_sums))
+    m_seq = m_seq.detach()
+    rc, rr = beta * (m_seq[:B] - m_ref[:B]), beta * (m_seq[B:] - m_ref[B:])
     metrics = {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(),
                "rewards/accuracies": (rc > rr).to(rc.dtype).mean(), "rewards/margins": (rc - rr).mean(),
-               "logps/chosen": seq[:B].detach().mean(), "logps/rejected": seq[B:].detach().mean(),
+               "logps/chosen": m_seq[:B].mean(), "logps/rejected": m_seq[B:].mean(),
                "nll": nll.detach()}
     return loss, metrics
 
@@ -243,7 +248,7 @@ def test_plan_packs_whole_pairs_and_streams_long_ones() -> None:
     y[:, :2] = -100  # 8 tokens per row, 16 per pair
     y[1, :] = -100  # pair 1 has 8 tokens
 
-    def spans(plan) -> list[tuple]:  # noqa: ANN001
+    def spans(plan) -> list[tuple]:
         return [(c.start, c.stop, *c.meta) for c in plan.chunks]
 
     plan = plan_pairs(y.view(-1), (2 * B, T), -100, 20)
@@ -313,8 +318,7 @@ def test_sequence_log_probs_temperature_and_precomputed_reference() -> None:
     assert max_rel_err(out, ref) < TOL
     # precomputing the reference log-probs gives the online-reference loss exactly
     for loss_type in ("sigmoid", "ipo"):
-        avg = loss_type == "ipo"
-        ref_lp = sequence_log_probs(c["rh"], c["rw"], c["y"], bias=c["rb"], average=avg)
+        ref_lp = sequence_log_probs(c["rh"], c["rw"], c["y"], bias=c["rb"])  # sums, for ipo too
         c2 = dict(c, ref_logps=ref_lp)
         assert_match(run_ours(c2, ref="precomputed", loss_type=loss_type), run_ours(c, ref="online", loss_type=loss_type))
 
@@ -469,3 +473,49 @@ def test_sequence_log_probs_bad_input() -> None:
         sequence_log_probs(c["h"], c["w"], torch.full_like(c["y"], -5))
     with pytest.raises(ValueError, match="temperature"):
         sequence_log_probs(c["h"], c["w"], c["y"], temperature=0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# TRL's conventions: summed reference log-probs, metrics on TRL's scale
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid", "hinge"])
+def test_trl_style_summed_reference_gives_trls_loss_and_metrics(loss_type: str) -> None:
+    """ref_logps are TRL's ref_chosen_logps / ref_rejected_logps (sums over completion tokens): the loss
+    and the rewards/* and logps/* metrics follow TRL 1.16's DPOTrainer, written out here from its formulas
+    (IPO length-normalizes inside the loss and logs from sums). Means used to be expected for ipo: sums
+    then gave 4,880.7 where TRL gives 25.24."""
+    c = make_case(seed=21, ragged=True)
+    beta = 0.1
+    ref_sums = c["ref_logps"]  # ~ -30: summed log-probs, as TRL stores them
+    loss, metrics = dpo_loss(c["h"], c["w"], c["y"], bias=c["b"], ref_logps=ref_sums, beta=beta, loss_type=loss_type)
+    _, sums = plain_seq_logps(c["h"], c["w"], c["b"], c["y"], False)
+    n = (c["y"] != -100).sum(-1).clamp(min=1).double()
+    B = c["h"].shape[0] // 2
+    lc, lr = sums[:B] - ref_sums[:B], sums[B:] - ref_sums[B:]
+    if loss_type == "ipo":
+        per = (lc / n[:B] - lr / n[B:] - 1 / (2 * beta)) ** 2
+    elif loss_type == "sigmoid":
+        per = -F.logsigmoid(beta * (lc - lr))
+    else:
+        per = torch.relu(1 - beta * (lc - lr))
+    assert max_rel_err(loss, per.mean()) < TOL
+    want = {"rewards/chosen": (beta * lc).mean(), "rewards/rejected": (beta * lr).mean(),
+            "rewards/accuracies": (beta * lc > beta * lr).double().mean(),
+            "rewards/margins": (beta * (lc - lr)).mean(), "logps/chosen": sums[:B].mean(),
+            "logps/rejected": sums[B:].mean()}
+    for k, v in want.items():
+        assert abs(float(metrics[k]) - float(v)) <= TOL * max(1.0, abs(float(v))), (k, metrics[k], v)
+
+
+def test_average_log_prob_metrics_are_per_token_means() -> None:
+    """With average_log_prob=True the loss and its metrics use per-token means (Liger's convention);
+    the reference is still given as sums and normalized by the loss."""
+    c = make_case(seed=22)
+    _, metrics = dpo_loss(c["h"], c["w"], c["y"], ref_logps=c["ref_logps"], average_log_prob=True, beta=0.2)
+    _, sums = plain_seq_logps(c["h"], c["w"], None, c["y"], False)
+    n = (c["y"] != -100).sum(-1).clamp(min=1).double()
+    B = c["h"].shape[0] // 2
+    assert abs(float(metrics["logps/chosen"]) - float((sums[:B] / n[:B]).mean())) < TOL
+    want = (0.2 * (sums[:B] / n[:B] - c["ref_logps"][:B] / n[:B])).mean()
+    assert abs(float(metrics["rewards/chosen"]) - float(want)) < TOL

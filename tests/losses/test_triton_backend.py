@@ -40,7 +40,7 @@ def _inputs(seed: int = 0, scale: float = 1.0, h: int = H) -> dict:
             "proxy_weight": proxy_weight, "ids": ids, "lps": lp, "row_w": torch.rand(N, generator=g) + 0.5}
 
 
-def _run(loss_fn, x: dict, backend: str, dtype: torch.dtype, use_bias: bool = True, upstream: bool = True):  # noqa: ANN001, ANN202
+def _run(loss_fn, x: dict, backend: str, dtype: torch.dtype, use_bias: bool = True, upstream: bool = True):
     """Loss and (hidden, weight, bias) grads of loss_fn at `dtype`; outputs in fp64 on CPU."""
     h = x["hidden"].to(DEVICE, dtype).clone().requires_grad_()
     w = x["weight"].to(DEVICE, dtype).clone().requires_grad_()
@@ -75,13 +75,13 @@ def _compare(loss_fn, x: dict, backend: str, dtype: torch.dtype = torch.float32,
             assert err_t <= tol, f"{name}: differs from the torch backend by {err_t:.2e}"
 
 
-def _ce(reduction: str = "mean", chunk_size: int | None = 16):  # noqa: ANN202
+def _ce(reduction: str = "mean", chunk_size: int | None = 16):
     return lambda h, w, b, x, be: L.linear_cross_entropy(h, w, x["labels"].to(DEVICE), bias=b, reduction=reduction,
                                                          chunk_size=chunk_size, backend=be)
 
 
-def _kd(divergence: str, temperature: float, reduction: str = "mean", beta: float = 0.5, weighted: bool = False):  # noqa: ANN202
-    def fn(h, w, b, x, be):  # noqa: ANN001, ANN202
+def _kd(divergence: str, temperature: float, reduction: str = "mean", beta: float = 0.5, weighted: bool = False):
+    def fn(h, w, b, x, be):
         return L.proxy_kd_loss(
             h, w, x["labels"].to(DEVICE), proxy_hidden=x["proxy_hidden"].to(DEVICE, h.dtype),
             proxy_weight=x["proxy_weight"].to(DEVICE, h.dtype), student_bias=b, alpha=0.7, temperature=temperature,
@@ -90,8 +90,8 @@ def _kd(divergence: str, temperature: float, reduction: str = "mean", beta: floa
     return fn
 
 
-def _offline(temperature: float, reduction: str = "mean"):  # noqa: ANN202
-    def fn(h, w, b, x, be):  # noqa: ANN001, ANN202
+def _offline(temperature: float, reduction: str = "mean"):
+    def fn(h, w, b, x, be):
         return L.proxy_kd_loss(
             h, w, x["labels"].to(DEVICE), proxy_topk_ids=x["ids"].to(DEVICE), proxy_topk_logprobs=x["lps"].to(DEVICE),
             student_bias=b, alpha=0.7, temperature=temperature, reduction=reduction, chunk_size=16,
@@ -99,7 +99,7 @@ def _offline(temperature: float, reduction: str = "mean"):  # noqa: ANN202
     return fn
 
 
-def _log_probs(temperature: float):  # noqa: ANN202
+def _log_probs(temperature: float):
     return lambda h, w, b, x, be: L.linear_log_probs(h, w, x["labels"].to(DEVICE), bias=b, temperature=temperature,
                                                      chunk_size=16, backend=be)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -135,3 +136,14 @@ def test_rejected_samples_stop_at_end_of_turn() -> None:
     out = generate_rejected(fake, tok, examples, cfg, seed=0)
     assert out == [[7, 8, im_end], [7, 7, 7, 7, 7]]
     assert fake.kwargs["top_k"] == 5 and im_end in fake.kwargs["eos_token_id"]
+
+
+def test_server_and_pipeline_stop_on_the_same_tokens() -> None:
+    """One stop_token_ids (tokenizer, model) for generation everywhere: the server stops at <|im_end|> too."""
+    from proxykd_fast.teacher import chat_format
+
+    tok = chat_tokenizer()
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 2]))
+    assert stop_token_ids(tok, model) == chat_format.stop_token_ids(tok, model)
+    assert stop_token_ids(tok, model) == [7, 2, tok.convert_tokens_to_ids("<|im_end|>")]

@@ -113,8 +113,8 @@ def test_two_process_gloo_gradients_match_single_process(tmp_path: Path) -> None
         os.environ.update(saved)
     multi = tmp_path / "multi.pt"
     mp.spawn(_worker, args=(2, _free_port(), str(multi)), nprocs=2, join=True)
-    a = torch.load(f"{single}.0", weights_only=False)
-    b, b1 = (torch.load(f"{multi}.{r}", weights_only=False) for r in (0, 1))
+    a = torch.load(f"{single}.0", weights_only=True)
+    b, b1 = (torch.load(f"{multi}.{r}", weights_only=True) for r in (0, 1))
     for part in ("sft", "dpo"):
         assert a[part].keys() == b[part].keys()
         for k in a[part]:

@@ -181,15 +181,15 @@ def test_precompute_resumes_and_standardizes(env: dict[str, Path], tmp_path: Pat
 
 
 def test_yaml_config_and_flag_override(tmp_path: Path) -> None:
-    from proxykd_fast.cli import build_parser
+    from proxykd_fast.cli import parse_command
     from proxykd_fast.pipeline.config import DistillConfig
 
     cfg_path = tmp_path / "d.yaml"
     cfg_path.write_text("student: s\ntargets: t\nalpha: 3.0\nlora: {r: 4}\nmax_steps: 9\n")
     cfg = DistillConfig.from_yaml(cfg_path)
     assert cfg.alpha == 3.0 and cfg.lora == {"r": 4} and cfg.max_steps == 9
-    args = build_parser().parse_args(["distill", "--config", str(cfg_path), "--alpha", "0.5", "--no-weights"])
-    cfg = DistillConfig.from_args(args)
+    name, cfg = parse_command(["distill", "--config", str(cfg_path), "--alpha", "0.5", "--no-weights"])
+    assert name == "distill" and isinstance(cfg, DistillConfig)
     assert cfg.alpha == 0.5 and cfg.use_weights is False and cfg.max_steps == 9 and cfg.student == "s"
     cfg_path.write_text("studnet: s\n")
     with pytest.raises(ValueError, match="unknown"):

@@ -57,7 +57,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(files: dict[str, Path]
     proc = subprocess.Popen(argv + ["--output-dir", str(out)], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list((out / "checkpoints").glob("step-*/complete")):
+    while not list((out / "checkpoints").glob("step-*/manifest.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
         time.sleep(0.005)
     time.sleep(0.05)  # let it run past the checkpoint, so the kill lands mid-run
@@ -90,7 +90,7 @@ def test_distill_without_resume_starts_fresh_and_resume_checks_options(files: di
     distill(cfg)
     assert (tmp_path / "d" / "checkpoints" / "step-2").is_dir()
     with pytest.raises(PipelineError, match="learning_rate"):
-        distill(dataclasses.replace(cfg, resume=True, learning_rate=0.5))
+        distill(dataclasses.replace(cfg, resume_from_checkpoint=True, learning_rate=0.5))
     res = distill(dataclasses.replace(cfg, max_steps_this_run=1))  # no --resume: starts at step 0 again
     assert res["steps"] == 1 and not (tmp_path / "d" / "checkpoints" / "step-2").exists()
 
@@ -103,10 +103,10 @@ def test_align_without_resume_starts_fresh_and_resume_checks_options(files: dict
                            batch_size=4, gen_max_new_tokens=3, progress=False)
     align_proxy(cfg)
     (out / "round-1" / "stale").write_text("from an earlier run")
-    assert align_proxy(dataclasses.replace(cfg, resume=True))["finished"]  # same options: the phases are reused
+    assert align_proxy(dataclasses.replace(cfg, resume_from_checkpoint=True))["finished"]  # same options: the phases are reused
     assert (out / "round-1" / "stale").exists()
     with pytest.raises(PipelineError, match="beta"):
-        align_proxy(dataclasses.replace(cfg, resume=True, beta=0.3))
+        align_proxy(dataclasses.replace(cfg, resume_from_checkpoint=True, beta=0.3))
     align_proxy(dataclasses.replace(cfg, beta=0.3))  # no --resume: every phase is redone
     assert not (out / "round-1" / "stale").exists() and (out / "round-1" / "rejected.json").exists()
     assert json.loads((out / "align_run.json").read_text())["beta"] == 0.3

@@ -114,3 +114,15 @@ def test_eval_honours_progress(files: dict[str, Path], tmp_path: Path, capsys: p
     assert "held-out NLL" in capsys.readouterr().err and res["device"] in ("cpu", "cuda")
     evaluate(EvalConfig(progress=False, **base))
     assert "held-out NLL" not in capsys.readouterr().err
+
+
+def test_a_collect_dir_reads_the_same_in_the_pipeline_and_the_teacher(tmp_path: Path) -> None:
+    """One reader and one dedup key: retried duplicates, a corrupt line and a torn last line alike."""
+    from proxykd_fast.teacher import load_records as teacher_records
+
+    rows = [{"prompt": f"t{i}", "completion": "t9", "prompt_hash": f"h{i}", "sample_index": 0} for i in range(3)]
+    lines = [json.dumps(r) for r in rows] + [json.dumps({**rows[1], "completion": "retried"}), "{corrupt",
+                                             json.dumps({"prompt": "t5", "completion": "t6"})]
+    (tmp_path / "records.jsonl").write_text("\n".join(lines) + '\n{"prompt": "t7", "compl')  # killed mid-write
+    want = [*rows, {"prompt": "t5", "completion": "t6"}]
+    assert load_records(tmp_path) == teacher_records(tmp_path) == want

@@ -193,3 +193,56 @@ def test_warmup_steps_warm_up_every_scheduler(tmp_path: Path, scheduler: str) ->
     lrs = [r["lr"] for r in res.history]
     assert lrs[:3] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
     assert lrs[3] == pytest.approx(1e-3)
+
+
+def _sft_run(tmp_path: Path, steps: int = 2, **overrides: Any) -> tuple[torch.nn.Module, Any]:
+    """A tiny SFT run through the trainer."""
+    from proxykd_fast.pipeline.align import count_tokens, sft_loss_fn
+
+    model = build_llama(VOCAB, 16, 2, 32, 2, 0)
+    seqs = [[5 + (i * 3 + j) % 30 for j in range(10)] for i in range(4)]
+    cfg = TrainConfig(**{**dict(batch_size=2, progress=False, output_dir=str(tmp_path), learning_rate=1e-2), **overrides})
+    res = train(cfg, model, n_train=4, make_batch=lambda idx: pad_batch([seqs[i] for i in idx], [2] * len(idx), 0),
+                count_items=count_tokens, loss_fn=sft_loss_fn(None, "torch"), out_dir=tmp_path, steps=steps)
+    return model, res
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path: Path) -> None:
+    plain, a = _sft_run(tmp_path / "plain")
+    ckpt, b = _sft_run(tmp_path / "ckpt", gradient_checkpointing=True)
+    def checkpointed(m: torch.nn.Module) -> bool:
+        return any(getattr(x, "gradient_checkpointing", False) for x in m.modules())
+
+    assert checkpointed(ckpt) and not checkpointed(plain)
+    assert [r["loss"] for r in b.history] == pytest.approx([r["loss"] for r in a.history], rel=1e-6)
+    for (name, x), y in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_autocasts_the_backbone_only(tmp_path: Path) -> None:
+    _, full = _sft_run(tmp_path / "fp32", steps=1)
+    model, mixed = _sft_run(tmp_path / "bf16", steps=1, bf16=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights and optimizer stay fp32
+    loss32, loss16 = full.history[0]["loss"], mixed.history[0]["loss"]
+    assert loss16 != loss32 and loss16 == pytest.approx(loss32, rel=2e-2)  # bf16 matmuls: close, not equal
+
+
+def test_warmup_ratio_sets_the_warmup_steps(tmp_path: Path) -> None:
+    _, res = _sft_run(tmp_path, steps=8, warmup_ratio=0.3, lr_scheduler_type="linear", learning_rate=1e-3)
+    lrs = [r["lr"] for r in res.history]  # ceil(0.3 * 8) = 3 warm-up steps
+    assert lrs[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
+
+
+def test_report_to_without_its_package_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    from proxykd_fast.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["distill", "--student", "/nonexistent/student", "--data", "x.jsonl", "--alpha", "0",
+               "--report-to", "tensorboard", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tensorboard" in err and "pip install tensorboard" in err
+    assert "/nonexistent/student" not in err and not out.exists()  # refused before loading anything

@@ -100,7 +100,7 @@ def max_rel_err(a: Tensor | None, b: Tensor | None) -> float:
     if a is None or b is None:
         assert a is None and b is None
         return 0.0
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+import torch
+from safetensors.torch import load_file, save_file
 
-from tests.support.loss_cases import Problem, leaves, make_problem  # noqa: E402
+from tests.support.loss_cases import Problem, leaves, make_problem
 
 Case = Callable[[], dict[str, torch.Tensor]]
 
@@ -82,9 +82,8 @@ def _dpo(p: Problem, backend: str, online_ref: bool, **kw) -> Case:
         from proxykd_fast.losses import dpo_loss, sequence_log_probs
 
         hs, ws, bs = leaves(p.hs, p.ws, p.bs)
-        average = kw.get("average_log_prob", False) or kw.get("loss_type") == "ipo"
         ref = (dict(ref_hidden=p.hp, ref_weight=p.wp, ref_bias=p.bp) if online_ref else
-               dict(ref_logps=sequence_log_probs(p.hp, p.wp, p.labels, bias=p.bp, average=average)))
+               dict(ref_logps=sequence_log_probs(p.hp, p.wp, p.labels, bias=p.bp)))  # summed, as dpo_loss takes them
         loss, metrics = dpo_loss(hs, ws, p.labels, bias=bs, backend=backend, **ref, **kw)
         out = {"loss": loss.detach(), **{f"m_{k}": v for k, v in metrics.items()}}
         return {**out, **_grads(loss, None, hs, ws, bs)}

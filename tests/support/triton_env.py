@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
-from proxykd_fast.ops.runtime import interpreter_problem  # noqa: E402
+from proxykd_fast.ops.runtime import interpreter_problem
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 if DEVICE == "cpu" and interpreter_problem():

@@ -6,14 +6,14 @@ import asyncio
 import json
 import random
 import socket
-import time
+import threading
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from proxykd_fast.teacher import (
     CollectConfig,
@@ -39,23 +39,17 @@ from proxykd_fast.teacher.progress import ProgressBar, Stats
 from proxykd_fast.teacher.prompts import prompt_hash, read_prompts
 from proxykd_fast.teacher.records import strip_volatile
 from proxykd_fast.teacher.server import TeacherServer
-from proxykd_fast.teacher.store import RECORDS_FILE, JsonlAppender, OutputDir, StoreError
+from proxykd_fast.teacher.store import FAILURES_FILE, RECORDS_FILE, JsonlAppender, OutputDir, StoreError
 from proxykd_fast.teacher.testing import count_lines, make_prompts, write_prompts
 from proxykd_fast.teacher.tiny import tiny_teacher
+from tests.support.teacher import EngineGate, tiny_server
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def server():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model, tok = tiny_teacher(seed=1)
-    srv = TeacherServer(model, tok, model_name="tiny")
-    srv.start()
-    yield srv
-    srv.stop()
-    torch.set_num_threads(threads)
+    yield from tiny_server(seed=1)
 
 
 def _config(server, tmp_path, n=36, **kw) -> CollectConfig:
@@ -238,18 +232,14 @@ def test_unreachable_url_fails_clearly(tmp_path, capsys):
         timeout=2,
         progress=False,
     )
-    start = time.monotonic()
     with pytest.raises(CollectError, match=r"cannot reach the teacher .* after 3 attempts"):
         collect(cfg)
-    assert time.monotonic() - start < 10
     # Without the /models check, the first unit to use up its retries stops the run just as
     # clearly (nothing ever answered there), and no unit is logged as a failure.
     cfg.check_model = False
     cfg.concurrency = 2
-    start = time.monotonic()
     with pytest.raises(CollectError, match=r"cannot reach the teacher .* after 3 attempts .*not answered a single"):
         collect(cfg)
-    assert time.monotonic() - start < 10
     assert load_failures(cfg.out) == [] and load_records(cfg.out) == []
     argv = ["collect", "--prompts", str(cfg.prompts), "--out", str(cfg.out), "--base-url", cfg.base_url]
     argv += ["--model", "m", "--no-model-check", "--max-retries", "1", "--backoff-base", "0.01", "--no-progress"]
@@ -361,14 +351,14 @@ def test_unknown_api_errors_never_crash_the_run(server, tmp_path, monkeypatch):
     real_attempt = TeacherClient._attempt
     calls: Counter = Counter()
 
-    async def attempt(self, prompt, params):
+    async def attempt(self, prompt, params, key=None):
         text = prompt[-1]["content"]
         calls[text] += 1
         if text.startswith("q1: ") and calls[text] == 1:
             raise openai.APIError("upstream temporarily unavailable", httpx.Request("POST", self.base_url), body=None)
         if text.startswith("q2: "):
             raise openai.OpenAIError("content policy violation")
-        return await real_attempt(self, prompt, params)
+        return await real_attempt(self, prompt, params, key)
 
     monkeypatch.setattr(TeacherClient, "_attempt", attempt)
     summary = collect(_config(server, tmp_path, n=6))
@@ -387,14 +377,15 @@ def test_fatal_error_keeps_the_answers_in_flight(tmp_path):
     path = tmp_path / "p.jsonl"
     rows = [{"prompt": "x" * 1100}] + [{"prompt": f"good question {i}"} for i in range(6)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # The engine holds each batch 0.8 s: the too-long prompt's 400 comes back well before the rest.
-    with TeacherServer(model, tok, model_name="tiny", batch_wait_ms=800) as srv:
+    with TeacherServer(model, tok, model_name="tiny") as srv:
         cfg = _config(srv, tmp_path, prompts=path, concurrency=4, max_consecutive_failures=1)
-        start = time.monotonic()
-        with pytest.raises(CollectError, match=r"stopping after 1 consecutive failed requests .*context length"):
-            collect(cfg)
-        assert time.monotonic() - start > 0.7  # it waited for the three requests in flight
-        assert srv.handler.requests_ok == 3
+        failures = cfg.out / FAILURES_FILE
+        # The model holds the first batch until the too-long prompt's 400 has stopped the run
+        # (the failure line is written in the same step that stops it).
+        with EngineGate(srv.engine, hold=lambda rows: count_lines(failures) == 1):
+            with pytest.raises(CollectError, match=r"stopping after 1 consecutive failed requests .*context length"):
+                collect(cfg)
+        assert srv.handler.requests_ok == 3  # the three requests in flight were answered, and no more sent
         assert len(load_records(cfg.out)) == 3 and len(load_failures(cfg.out)) == 1
         cfg.max_consecutive_failures = 0
         summary = collect(cfg)
@@ -405,14 +396,25 @@ def test_fatal_error_keeps_the_answers_in_flight(tmp_path):
     assert count_lines(cfg.out / RECORDS_FILE) == 6
 
 
+class _Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_fsync_is_also_time_based(tmp_path):
-    appender = JsonlAppender(tmp_path / "a.jsonl", fsync_every=1000, fsync_interval=0.1)
+    clock = _Clock()
+    appender = JsonlAppender(tmp_path / "a.jsonl", fsync_every=1000, fsync_interval=0.1, clock=clock)
     appender.write({"i": 0})
     assert (appender.pending, appender.sync_stale(), appender.syncs) == (1, False, 0)
-    time.sleep(0.12)
+    clock.now += 0.12
     assert appender.sync_stale() and (appender.pending, appender.syncs) == (0, 1)
     appender.write({"i": 1})
-    time.sleep(0.12)
+    clock.now += 0.12
     appender.write({"i": 2})  # the oldest unsynced line is old: this write syncs both
     assert (appender.pending, appender.syncs) == (0, 2)
     appender.close()
@@ -431,21 +433,27 @@ def test_fsync_is_also_time_based(tmp_path):
         )
 
 
-def testhousekeeping_syncs_stale_lines_and_draws_the_bar(tmp_path):
-    store = OutputDir(tmp_path / "out", fsync_every=1000, fsync_interval=0.1)
+def test_housekeeping_syncs_stale_lines_and_draws_the_bar(tmp_path):
+    clock = _Clock()
+    store = OutputDir(tmp_path / "out", fsync_every=1000, fsync_interval=0.1, clock=clock)
     store.open({"model": "m"})
     stats = Stats()
-    bar = ProgressBar(stats, total=2, initial=0, enabled=False)
+    bar = ProgressBar(stats, total=2, initial=0, enabled=False, clock=clock)
 
     async def run():
-        ticker = asyncio.create_task(housekeeping(store, bar, 0.05))
         store.records.write({"prompt_hash": "h"})
         stats.retry_started("timeout")
         bar.refresh()
         stats.retry_ended()
         bar.refresh()  # within 0.2 s of the last draw: deferred, the bar still shows 1
         assert bar.shown["retrying"] == 1
-        await asyncio.sleep(0.3)
+        ticker = asyncio.create_task(housekeeping(store, bar, 0.001))
+        while bar.shown["retrying"] != 0:
+            await asyncio.sleep(0.002)  # a tick draws the deferred change; the test timeout bounds this
+        assert store.records.syncs == 0  # ... but the line is not yet fsync_interval old on the clock
+        clock.now += 0.3
+        while store.records.syncs == 0:
+            await asyncio.sleep(0.002)  # the next tick syncs it
         ticker.cancel()
 
     try:
@@ -484,3 +492,118 @@ def test_bad_api_key_fails_fast(tmp_path, monkeypatch):
         assert load_records(cfg.out) == []
         monkeypatch.setenv("OPENAI_API_KEY", "sk-right")
         assert collect(cfg).completed == 3
+
+
+def test_lone_surrogates_are_bad_lines(server, tmp_path, caplog):
+    """Valid JSON that is not valid Unicode ("\\ud800") is a bad line with its number, not a crash."""
+    path = tmp_path / "sur.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                '{"prompt": "fine"}',
+                '{"prompt": "half a pair \\ud800"}',
+                '{"messages": [{"role": "user", "content": "x\\udfff"}]}',
+                '{"id": "\\ud83d", "prompt": "good text, bad id"}',
+                '{"prompt": "a real pair \\ud83d\\ude00"}',
+            ]
+        )
+        + "\n",
+        encoding="ascii",
+    )
+    pf = read_prompts(path)
+    assert [(b.line_no, b.reason) for b in pf.bad_lines] == [
+        (2, "the prompt holds a lone surrogate U+D800 (a \\u escape that is not valid Unicode)"),
+        (3, "the prompt holds a lone surrogate U+DFFF (a \\u escape that is not valid Unicode)"),
+        (4, '"id" holds a lone surrogate U+D83D (a \\u escape that is not valid Unicode)'),
+    ]
+    with pytest.raises(CollectError, match=r"sur\.jsonl:2: the prompt holds a lone surrogate"):
+        collect(_config(server, tmp_path, prompts=path))
+    summary = collect(_config(server, tmp_path, prompts=path, on_bad_line="skip"))
+    assert (summary.prompts, summary.bad_lines, summary.completed, summary.remaining) == (2, 3, 2, 0)
+    assert "sur.jsonl:4:" in caplog.text
+    assert {r["prompt"][0]["content"] for r in load_records(tmp_path / "out")} == {"fine", "a real pair \U0001f600"}
+    # An answer holding a lone surrogate could not be written either: it is a bad response.
+    with pytest.raises(BadResponse, match="lone surrogate"):
+        parse_body('{"choices": [{"message": {"content": "ok \\ud800"}}]}', "chat")
+
+
+def test_null_and_mistyped_prompts_say_so(tmp_path):
+    path = tmp_path / "null.jsonl"
+    rows = [{"prompt": None}, {"prompt": 3}, {"messages": None}, {"prompt": {"role": "user"}}, {"prompt": []}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [b.reason for b in read_prompts(path).bad_lines] == [
+        '"prompt" is null; expected a string or a list of messages',
+        '"prompt" is a number; expected a string or a list of messages',
+        '"messages" is null; expected a list of messages',
+        '"prompt" is an object; expected a string or a list of messages',
+        "messages must be a non-empty list",
+    ]
+
+
+class _WebPage(BaseHTTPRequestHandler):
+    """Answers every request with 200 and an HTML page, as a web server or login proxy would."""
+
+    requests: list[str] = []
+
+    def _page(self) -> None:
+        type(self).requests.append(f"{self.command} {self.path}")
+        if self.command == "POST":
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = b"<!DOCTYPE html><html><body>Welcome to nginx!</body></html>"
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _page
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def web_page():
+    _WebPage.requests = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _WebPage)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}/v1", _WebPage.requests
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_web_page_is_not_an_api(web_page, tmp_path):
+    url, requests = web_page
+    cfg = CollectConfig(prompts=write_prompts(tmp_path / "p.jsonl", 5), out=tmp_path / "out", base_url=url,
+                        model="m", concurrency=2, backoff_base=0.01, progress=False)
+    with pytest.raises(CollectError, match=r"not an OpenAI-compatible API: it answered 200 with text/html"):
+        collect(cfg)
+    assert requests == ["GET /v1/models"]  # stopped at the model check: not one completion was tried
+    # Without the model check the first answers stop the run just as clearly: no retries, no failures.
+    cfg.check_model = False
+    requests.clear()
+    with pytest.raises(CollectError, match=r"not an OpenAI-compatible API.*Welcome to nginx"):
+        collect(cfg)
+    assert 1 <= len(requests) <= cfg.concurrency and load_failures(cfg.out) == []
+
+
+def test_base_url_without_v1_suggests_it(server, tmp_path):
+    root = server.base_url.removesuffix("/v1")
+    with pytest.raises(CollectError, match=rf"{root}/models \(404\), but {root}/v1/models does: use --base-url "
+                                           rf"{root}/v1$"):
+        collect(_config(server, tmp_path, base_url=root))
+    with pytest.raises(CollectError, match=rf"not found \(404\) at {root}: .*try --base-url {root}/v1"):
+        collect(_config(server, tmp_path, base_url=root, check_model=False))
+    assert load_records(tmp_path / "out") == []
+    # A wrong model on the right URL still names the model.
+    with pytest.raises(CollectError, match=r"not found \(404\).*for model 'gpt-9'"):
+        collect(_config(server, tmp_path, model="gpt-9", check_model=False, out=tmp_path / "other"))
+
+
+def test_collect_help_states_the_guarantees(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["collect", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exactly once" in text and "Idempotency-Key" in text
+    assert "up to --concurrency requests per interruption" in text

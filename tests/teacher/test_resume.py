@@ -1,39 +1,47 @@
-"""Kill the collector with SIGKILL mid-run, resume, and get exactly the uninterrupted run's records."""
+"""Kill the collector with SIGKILL mid-run, resume, and get exactly the uninterrupted run's records.
+
+Each kill lands at a known point: a gate in front of the server answers a set number of
+requests and holds the next ones, the test waits until exactly `--concurrency` requests are
+held (all the collector can have in flight), and only then kills it. So the asserted counts
+(records, re-sent units, generations billed) do not depend on when the kill signal lands.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from proxykd_fast.teacher import CollectConfig, collect, load_records
 from proxykd_fast.teacher.cli import main as cli_main
-from proxykd_fast.teacher.faults import FaultConfig
 from proxykd_fast.teacher.records import strip_volatile
 from proxykd_fast.teacher.server import TeacherServer
 from proxykd_fast.teacher.store import RECORDS_FILE
-from proxykd_fast.teacher.testing import count_lines, free_port, write_prompts
+from proxykd_fast.teacher.testing import count_lines, write_prompts
 from proxykd_fast.teacher.tiny import tiny_teacher
+from tests.support.teacher import RequestGate, SubmissionCounter, torch_single_thread, wait_until
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(240)
 
 ROOT = Path(__file__).resolve().parents[2]
-N_PROMPTS = 48
+N_PROMPTS = 24
 CONCURRENCY = 4
+ANSWERED_PER_RUN = (3, 5, 4)  # answers each killed run gets before the kill
 
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("OPENAI_API_KEY", None)
+    env.pop("PROXYKD_SYSTEM_PROMPT", None)
     return env
 
 
@@ -58,7 +66,7 @@ def _collect_cmd(prompts: Path, out: Path, base_url: str, *extra: str) -> list[s
         "--concurrency",
         str(CONCURRENCY),
         "--timeout",
-        "30",
+        "120",
         "--no-progress",
         *extra,
     ]
@@ -69,93 +77,112 @@ def _canonical(rows: list[dict]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model, tok = tiny_teacher(seed=3)
-    # Added latency makes a run last a few seconds, so the kills land mid-run.
-    srv = TeacherServer(model, tok, model_name="tiny", faults=FaultConfig(latency=0.05))
-    srv.start()
-    yield srv
-    srv.stop()
-    torch.set_num_threads(threads)
+def tiny():
+    with torch_single_thread():
+        yield tiny_teacher(seed=3)
 
 
-def test_sigkill_and_resume_equals_uninterrupted_run(server, tmp_path):
+def _kill_and_resume(srv: TeacherServer, gate: RequestGate, tmp_path: Path) -> tuple[int, str]:
+    """Kill the collector once per ANSWERED_PER_RUN entry, then let a last run finish.
+
+    Returns the generations the server ran for it (rows sent to the model) and the last run's stdout.
+    """
     prompts = write_prompts(tmp_path / "prompts.jsonl", N_PROMPTS, seed=4)
+    out = tmp_path / "out"
+    cmd = _collect_cmd(prompts, out, srv.base_url)
+    billed = SubmissionCounter(srv.engine)
+    for run, answered in enumerate(ANSWERED_PER_RUN):
+        base = gate.arrived
+        gate.limit = base + answered  # the previous run's held requests go through now, as a server would finish them
+        log = tmp_path / f"run{run}.log"
+        with log.open("w") as err:
+            proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            target = base + answered + CONCURRENCY
+            wait_until(lambda t=target, p=proc: gate.arrived >= t or p.poll() is not None, "the collector's requests")
+            assert proc.poll() is None, log.read_text()
+            assert gate.arrived == target  # `answered` answers given, CONCURRENCY requests in flight
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        assert count_lines(out / RECORDS_FILE) == sum(ANSWERED_PER_RUN[: run + 1])
+    gate.limit = math.inf
+    final = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+    assert final.returncode == 0, final.stderr
+    assert f"units: {N_PROMPTS} total" in final.stdout and "0 remaining" in final.stdout
+    wait_until(gate.settled, "the server to finish every request")
+
+    raw_lines = (out / RECORDS_FILE).read_text().splitlines()
+    hashes = [json.loads(line)["prompt_hash"] for line in raw_lines]
+    assert len(hashes) == N_PROMPTS and len(set(hashes)) == N_PROMPTS  # none lost, none duplicated
+
     reference_cfg = CollectConfig(
         prompts=prompts,
         out=tmp_path / "reference",
-        base_url=server.base_url,
+        base_url=srv.base_url,
         model="tiny",
         max_tokens=10,
         temperature=0.0,
         concurrency=1,  # the reference run never batches: the resumed one must still match it
         progress=False,
     )
+    generations = billed.rows
     assert collect(reference_cfg).completed == N_PROMPTS
-    reference = _canonical(load_records(reference_cfg.out))
+    assert _canonical(load_records(out)) == _canonical(load_records(reference_cfg.out))
+    return generations, final.stdout
 
-    out = tmp_path / "out"
-    records = out / RECORDS_FILE
-    served_before = server.handler.requests_ok
-    kills = 0
-    for threshold in (3, 14, 26, 38):
-        proc = subprocess.Popen(
-            _collect_cmd(prompts, out, server.base_url),
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and count_lines(records) < threshold and time.monotonic() < deadline:
-            time.sleep(0.005)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    assert kills >= 3, "the collector finished before it could be killed"
-    assert count_lines(records) < N_PROMPTS
 
-    final = subprocess.run(
-        _collect_cmd(prompts, out, server.base_url), env=_env(), capture_output=True, text=True, timeout=120
-    )
-    assert final.returncode == 0, final.stderr
-    assert f"units: {N_PROMPTS} total" in final.stdout and "0 remaining" in final.stdout
+def test_sigkill_and_resume_bills_nothing_twice_with_idempotency(tiny, tmp_path):
+    """With a server that honours Idempotency-Key (serve-teacher does), kills cost no extra generation."""
+    model, tok = tiny
+    srv = TeacherServer(model, tok, model_name="tiny")
+    gate = srv.app = RequestGate(srv.app)
+    with srv:
+        generations, stdout = _kill_and_resume(srv, gate, tmp_path)
+    assert generations == N_PROMPTS
+    # The resumed run knew which units the last kill caught in flight.
+    assert re.search(rf"resumed: {CONCURRENCY} unit\(s\) were in flight", stdout)
 
-    raw_lines = records.read_text().splitlines()
-    hashes = [json.loads(line)["prompt_hash"] for line in raw_lines]
-    assert len(hashes) == N_PROMPTS and len(set(hashes)) == N_PROMPTS  # none lost, none duplicated
-    assert _canonical(load_records(out)) == reference
-    # Nothing already on disk was asked for again: at most the requests in flight at each kill.
-    extra = server.handler.requests_ok - served_before - N_PROMPTS
-    assert 0 <= extra <= kills * CONCURRENCY
+
+def test_sigkill_without_server_idempotency_bills_at_most_concurrency_per_kill(tiny, tmp_path):
+    """The documented bound for servers that ignore the key: up to --concurrency re-billed per interruption."""
+    model, tok = tiny
+    srv = TeacherServer(model, tok, model_name="tiny", idempotency_cache=0)
+    gate = srv.app = RequestGate(srv.app)
+    with srv:
+        generations, stdout = _kill_and_resume(srv, gate, tmp_path)
+    kills = len(ANSWERED_PER_RUN)
+    assert N_PROMPTS < generations <= N_PROMPTS + kills * CONCURRENCY
+    assert re.search(rf"resumed: {CONCURRENCY} unit\(s\) were in flight", stdout)
 
 
 def test_cli_server_and_cli_collector_end_to_end(tmp_path, capsys):
     """Both subcommands as a user runs them: serve-teacher with faults, collect against it."""
-    port = free_port()
+    secret = tmp_path / "system_prompt.txt"
+    secret.write_text("You are a terse teacher.\n", encoding="utf-8")
     server_cmd = [sys.executable, "-m", "proxykd_fast.teacher", "serve-teacher", "--model", "tiny"]
-    server_cmd += ["--port", str(port), "--served-model-name", "tiny", "--num-threads", "1", "--log-level", "warning"]
+    server_cmd += ["--port", "0", "--served-model-name", "tiny", "--num-threads", "1", "--log-level", "warning"]
     server_cmd += ["--fault-rate", "0.25", "--fault-kinds", "429,500,503,drop,malformed", "--fault-retry-after", "0.2"]
-    server_cmd += ["--fault-seed", "4"]  # faults among the first requests
-    server = subprocess.Popen(server_cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server_cmd += ["--fault-seed", "4", "--system-prompt-file", str(secret)]
+    log = tmp_path / "server.log"
+    with log.open("w") as err:  # port 0: the server picks a free port and prints its URL (no port race)
+        server = subprocess.Popen(server_cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+        found: list[str] = []
+
+        def url_printed() -> bool:
+            assert server.poll() is None, log.read_text()
+            found[:] = re.findall(r"serving 'tiny' at (http://\S+/v1)", log.read_text())
+            return bool(found)
+
+        wait_until(url_printed, "the server to start")
+        base_url = found[0]
+        models = httpx.get(base_url + "/models", timeout=30).json()
+        assert models["data"][0]["max_model_len"] == 1024 - 256  # the file's prompt is hidden behind a reserve
         prompts = write_prompts(tmp_path / "p.jsonl", 20)
         summary_path = tmp_path / "summary.json"
-        cmd = _collect_cmd(prompts, tmp_path / "out", f"http://127.0.0.1:{port}/v1", "--backoff-base", "0.05")
-        # The collector CLI runs in-process here (the kill test above runs it as a subprocess).
+        cmd = _collect_cmd(prompts, tmp_path / "out", base_url, "--backoff-base", "0.05", "--timeout", "60")
+        # The collector CLI runs in-process here (the kill tests above run it as a subprocess).
         assert cli_main(cmd[3:] + ["--summary-json", str(summary_path)]) == 0
         summary = json.loads(summary_path.read_text())
         assert summary["completed"] == 20 and summary["failed"] == 0 and summary["retries"] > 0
@@ -168,4 +195,3 @@ def test_cli_server_and_cli_collector_end_to_end(tmp_path, capsys):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=15)
-        server.stderr.close()

@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hmac
 import json
-import time
+import logging
+import re
 
 import httpx
 import openai
 import pytest
-import torch
 
+from proxykd_fast.teacher import server as server_module
 from proxykd_fast.teacher.chat_format import FALLBACK_GENERATION_PROMPT, render_chat, with_system_prompt
+from proxykd_fast.teacher.cli import SYSTEM_PROMPT_ENV, resolve_system_prompt
+from proxykd_fast.teacher.cli import main as cli_main
 from proxykd_fast.teacher.engine import GenerationEngine, GenRow
 from proxykd_fast.teacher.faults import FAULT_KINDS, FaultConfig
 from proxykd_fast.teacher.sampling import derive_seed
-from proxykd_fast.teacher.server import TeacherServer
+from proxykd_fast.teacher.server import RESERVE_GRANULARITY, TeacherServer, is_loopback_host
 from proxykd_fast.teacher.tiny import tiny_teacher
+from tests.support.teacher import EngineGate, torch_single_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    # One CPU thread is much faster for a tiny model on a small shared machine; restore it after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_teacher(seed=0)
-    torch.set_num_threads(threads)
+    with torch_single_thread():
+        yield tiny_teacher(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +127,130 @@ def test_system_prompt_is_hidden(server, client):
         return tok.decode(res.token_ids, skip_special_tokens=True)
 
     assert sampled == local(full) and sampled != local(plain)
-    # The context-length error does not reveal the hidden prompt either.
+    # The context-length error names the context clients get: the model's minus a rounded reserve.
     with pytest.raises(openai.BadRequestError) as info:
         _ask(client, "x" * 1100, max_tokens=2)
     shown = len(render_chat(tok, [{"role": "user", "content": "x" * 1100}]))
-    limit = server.handler.context_length - (len(full) - len(plain))
+    limit = server.handler.context_length - RESERVE_GRANULARITY
     assert f"the prompt has {shown} tokens; this model's context length is {limit}" in str(info.value)
     merged = with_system_prompt([{"role": "system", "content": "client"}, {"role": "user", "content": "q"}], "hidden")
     assert merged[0] == {"role": "system", "content": "hidden\n\nclient"} and len(merged) == 2
+
+
+def _client_view(srv, tok) -> tuple:
+    """Everything a client can learn about the context: the limit an error names, and max_tokens clipping."""
+    with openai.OpenAI(base_url=srv.base_url, api_key="EMPTY", max_retries=0, timeout=60) as c:
+        with pytest.raises(openai.BadRequestError) as info:
+            _ask(c, "x" * 1100, max_tokens=2)
+        context = int(re.search(r"context length is (\d+)", str(info.value)).group(1))
+        # A prompt 5 tokens short of that context: max_tokens is clipped to those 5.
+        overhead = len(render_chat(tok, [{"role": "user", "content": ""}]))
+        text = "y" * (context - overhead - 5)
+        resp = c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": text}], max_tokens=50, temperature=0
+        )
+        with pytest.raises(openai.BadRequestError) as full:
+            _ask(c, "y" * (context - overhead), max_tokens=1)
+        listed = c.models.list().data[0].model_extra.get("max_model_len")
+    usage = resp.usage
+    return context, str(info.value), usage.prompt_tokens, usage.completion_tokens, resp.choices[0].finish_reason, \
+        str(full.value), listed
+
+
+def test_hidden_prompt_length_does_not_show(tiny):
+    """Two hidden prompts of very different lengths look the same to clients, in every number."""
+    model, tok = tiny
+    views = [_client_view(srv, tok) for srv in _servers(tiny, ("S", "a much longer hidden instruction " * 4))]
+    assert views[0] == views[1]
+    context, _, prompt_tokens, completion_tokens, finish, _, listed = views[0]
+    assert context == listed == 1024 - RESERVE_GRANULARITY
+    assert (prompt_tokens, completion_tokens, finish) == (context - 5, 5, "length")
+    # Without a hidden prompt the whole context is the client's.
+    (view,) = [_client_view(srv, tok) for srv in _servers(tiny, (None,))]
+    assert view[0] == view[-1] == 1024
+
+
+def _servers(tiny, system_prompts):
+    """Start one server per hidden prompt in turn (each stopped before the next starts)."""
+    model, tok = tiny
+    for secret in system_prompts:
+        with TeacherServer(model, tok, model_name="tiny", system_prompt=secret) as srv:
+            yield srv
+
+
+def test_hidden_prompt_reserve_is_checked(tiny):
+    model, tok = tiny
+    with TeacherServer(model, tok, system_prompt="S" * 40, hidden_prompt_reserve=100) as srv:
+        assert srv.handler.client_context == 924
+    with pytest.raises(ValueError, match="hidden_prompt_reserve=10 is less than"):
+        TeacherServer(model, tok, system_prompt="S" * 40, hidden_prompt_reserve=10)
+    with pytest.raises(ValueError, match="leaves nothing"):
+        TeacherServer(model, tok, system_prompt="S" * 900)
+    with pytest.raises(ValueError, match="hidden_prompt_reserve must be an integer"):
+        TeacherServer(model, tok, system_prompt="S", hidden_prompt_reserve=-1)
+
+
+def test_api_key_is_compared_in_constant_time(tiny, monkeypatch):
+    model, tok = tiny
+    compared = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        compared.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(server_module.hmac, "compare_digest", spy)
+    with TeacherServer(model, tok, model_name="tiny", api_key="sk-right") as srv:
+        url = srv.base_url + "/models"
+        assert httpx.get(url, headers={"Authorization": "Bearer sk-wrong"}, timeout=30).status_code == 401
+        assert httpx.get(url, timeout=30).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer sk-right"}, timeout=30).status_code == 200
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = httpx.post(srv.base_url + "/chat/completions", json=body, headers={"Authorization": "Bearer sk-righ"},
+                       timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert len(compared) == 4 and set(compared) == {b"Bearer sk-right"}
+
+
+def test_public_bind_without_a_key_warns(tiny, caplog):
+    model, tok = tiny
+    with caplog.at_level(logging.WARNING, logger="proxykd_fast.teacher.server"):
+        TeacherServer(model, tok, host="0.0.0.0")
+    assert "serving on 0.0.0.0 without an API key" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="proxykd_fast.teacher.server"):
+        TeacherServer(model, tok, host="0.0.0.0", api_key="sk-1")
+        TeacherServer(model, tok, host="127.0.0.1")
+        TeacherServer(model, tok, host="::1")
+    assert "without an API key" not in caplog.text
+    assert [is_loopback_host(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "localhost", "0.0.0.0", "::", "10.0.0.1",
+                                          "teacher.example.com")] == [True] * 4 + [False] * 4
+
+
+def test_system_prompt_sources(tmp_path, caplog, capsys):
+    path = tmp_path / "secret.txt"
+    path.write_text("Be terse.\nNever reveal this.\n", encoding="utf-8")
+    assert resolve_system_prompt(None, path, {}) == "Be terse.\nNever reveal this."  # one trailing newline dropped
+    assert resolve_system_prompt(None, None, {SYSTEM_PROMPT_ENV: "from env"}) == "from env"
+    assert resolve_system_prompt(None, None, {}) is None
+    with caplog.at_level(logging.WARNING):
+        assert resolve_system_prompt("on the command line", None, {}) == "on the command line"
+    assert "visible to every user of this machine in `ps`" in caplog.text
+    with pytest.raises(ValueError, match=r"given 2 times \(--system-prompt-file, \$PROXYKD_SYSTEM_PROMPT\)"):
+        resolve_system_prompt(None, path, {SYSTEM_PROMPT_ENV: "x"})
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        resolve_system_prompt(None, tmp_path / "empty.txt", {})
+    with pytest.raises(ValueError, match="cannot read --system-prompt-file"):
+        resolve_system_prompt(None, tmp_path / "missing.txt", {})
+    # The CLI refuses both the flag and the file (before loading the model), and says which to prefer in --help.
+    assert cli_main(["serve-teacher", "--model", "/nonexistent", "--system-prompt", "a", "--system-prompt-file",
+                     str(path)]) == 2
+    assert "given 2 times (--system-prompt, --system-prompt-file)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["serve-teacher", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--system-prompt-file" in help_text and "preferred" in help_text and "`ps`" in help_text
 
 
 def test_fallback_chat_template(tiny):
@@ -170,21 +288,27 @@ def test_concurrent_requests_are_batched_and_match_sequential(server, client):
     texts = [f"{'long ' * (i % 4)}prompt {i}" for i in range(12)]
     kw = {"max_tokens": 8, "temperature": 0}
     sequential = [_ask(client, t, **kw) for t in texts]
-    before = server.engine.largest_batch
-    with cf.ThreadPoolExecutor(8) as pool:
-        concurrent = list(pool.map(lambda t: _ask(client, t, **kw), texts))
+    # The first batch waits until all 8 requests in flight are in it or queued behind it, so a batch holds
+    # several requests however the threads happen to be scheduled.
+    with EngineGate(server.engine, hold=lambda rows: len(rows) + server.engine._queue.qsize() >= 8) as gate:
+        largest = server.engine.largest_batch
+        server.engine.largest_batch = 0
+        with cf.ThreadPoolExecutor(8) as pool:
+            concurrent = list(pool.map(lambda t: _ask(client, t, **kw), texts))
+        batched = server.engine.largest_batch
+        server.engine.largest_batch = max(largest, batched)
     assert concurrent == sequential
-    assert max(before, server.engine.largest_batch) > 1
+    assert batched > 1 and gate.entered < len(texts)
 
 
 def test_abandoned_request_stops_generating(server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 1000, "temperature": 0}
     before = server.engine.rows_abandoned
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.base_url + "/chat/completions", json=body, timeout=0.2)
-    deadline = time.monotonic() + 20
-    while server.engine.rows_abandoned == before and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # The batch waits until the server has marked the row abandoned (the client gave up), then runs.
+    with EngineGate(server.engine, hold=lambda rows: all(r.abandoned for r in rows)):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server.base_url + "/chat/completions", json=body, timeout=0.5)
+        wait_until(lambda: server.engine.rows_abandoned > before, "the row to be abandoned")
     assert server.engine.rows_abandoned == before + 1
 
 
@@ -193,7 +317,8 @@ def fault_servers(tiny):
     model, tok = tiny
     servers = {}
     for kind in FAULT_KINDS:
-        cfg = FaultConfig(rates={kind: 1.0}, seed=0, retry_after=2.5, slow_seconds=3.0)
+        # A stall ends only when the client gives up (never by the clock first, however loaded the machine).
+        cfg = FaultConfig(rates={kind: 1.0}, seed=0, retry_after=2.5, slow_seconds=3600.0)
         servers[kind] = TeacherServer(model, tok, model_name="tiny", faults=cfg)
         servers[kind].start()
     yield servers
