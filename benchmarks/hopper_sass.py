@@ -46,13 +46,9 @@ KINDS = {  # SASS opcode prefix -> what it is
 
 
 @triton.jit
-def lse_tma_kernel(X, W, lse1, N, V, H, stride_x, stride_w, cols_per_split, scale1,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """linear_lse (one scale, no bias) with TMA tensor descriptors: out-of-range rows read as zeros."""
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    x_desc = tl.make_tensor_descriptor(X, shape=[N, H], strides=[stride_x, 1], block_shape=[BM, BK])
-    w_desc = tl.make_tensor_descriptor(W, shape=[V, H], strides=[stride_w, 1], block_shape=[BN, BK])
+def _lse_item_tma(x_desc, w_desc, lse1, N, V, H, pid_m, pid_s, cols_per_split, scale1,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One (row tile, vocab split) work item through TMA: out-of-range rows read as zeros."""
     row0 = pid_m * BM
     v_start = pid_s * cols_per_split
     v_end = tl.minimum(v_start + cols_per_split, V)
@@ -71,30 +67,24 @@ def lse_tma_kernel(X, W, lse1, N, V, H, stride_x, stride_w, cols_per_split, scal
 
 
 @triton.jit
+def lse_tma_kernel(X, W, lse1, N, V, H, stride_x, stride_w, cols_per_split, scale1,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """linear_lse (one scale, no bias) with TMA tensor descriptors, one program per work item."""
+    x_desc = tl.make_tensor_descriptor(X, shape=[N, H], strides=[stride_x, 1], block_shape=[BM, BK])
+    w_desc = tl.make_tensor_descriptor(W, shape=[V, H], strides=[stride_w, 1], block_shape=[BN, BK])
+    _lse_item_tma(x_desc, w_desc, lse1, N, V, H, tl.program_id(0), tl.program_id(1), cols_per_split, scale1,
+                  BM, BN, BK)
+
+
+@triton.jit
 def lse_tma_persistent_kernel(X, W, lse1, N, V, H, stride_x, stride_w, cols_per_split, n_split, scale1,
                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """As lse_tma_kernel, but a fixed grid of programs loops over the (row tile, split) work items."""
     x_desc = tl.make_tensor_descriptor(X, shape=[N, H], strides=[stride_x, 1], block_shape=[BM, BK])
     w_desc = tl.make_tensor_descriptor(W, shape=[V, H], strides=[stride_w, 1], block_shape=[BN, BK])
-    n_items = tl.cdiv(N, BM) * n_split
-    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        pid_m = item // n_split
-        pid_s = item % n_split
-        row0 = pid_m * BM
-        v_start = pid_s * cols_per_split
-        v_end = tl.minimum(v_start + cols_per_split, V)
-        m1 = tl.full([BM], -float("inf"), tl.float32)
-        l1 = tl.zeros([BM], tl.float32)
-        for n0 in range(v_start, v_end, BN):
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, H, BK):
-                a = x_desc.load([row0, k0])
-                b = w_desc.load([n0, k0])
-                acc = tl.dot(a, b.T, acc)
-            cols = n0 + tl.arange(0, BN)
-            m1, l1 = fold_tile(m1, l1, tl.where((cols < v_end)[None, :], acc * scale1, -float("inf")))
-        rows = row0 + tl.arange(0, BM)
-        tl.store(lse1 + pid_s * N + rows, m1 + tl.log(l1), mask=rows < N)
+    for item in range(tl.program_id(0), tl.cdiv(N, BM) * n_split, tl.num_programs(0)):
+        _lse_item_tma(x_desc, w_desc, lse1, N, V, H, item // n_split, item % n_split, cols_per_split, scale1,
+                      BM, BN, BK)
 
 
 def _compile(kernel, signature: dict, constexprs: dict, warps: int = WARPS) -> object:  # noqa: ANN001
