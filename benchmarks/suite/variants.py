@@ -274,7 +274,8 @@ def _ours(case: Case, x: dict[str, Tensor], device: torch.device) -> Runner:
             out, _ = L.dpo_loss(h, w, y, beta=DPO_BETA, nll_alpha=DPO_NLL_ALPHA, **ref, **kw)
             return {"loss": out}
     return Runner(_step(case, x, fn), settle=L.release_workspace,
-                  versions={"proxykd_fast": proxykd_fast.__version__}, note=f"backend={backend}")
+                  versions={"proxykd_fast": proxykd_fast.__version__},
+                  note=f"backend={backend!r}" + (" (torch on CPU)" if backend == "auto" and device.type != "cuda" else ""))
 
 
 def _naive(case: Case, x: dict[str, Tensor], compiled: bool, device: torch.device) -> Runner:
