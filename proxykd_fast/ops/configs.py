@@ -36,8 +36,8 @@ class TileConfig:
 GPU_CONFIGS: dict[tuple[str, int], TileConfig] = {
     ("lse", 16): TileConfig(128, 128, 64, 8, 3),
     ("grad", 16): TileConfig(128, 128, 64, 8, 3),
-    ("topk", 16): TileConfig(32, 64, 64, 8, 3),
-    ("topk64", 16): TileConfig(32, 64, 64, 8, 3),
+    ("topk", 16): TileConfig(64, 64, 64, 8, 3),
+    ("topk64", 16): TileConfig(64, 64, 64, 8, 3),
     ("lse", 32): TileConfig(64, 64, 32, 8, 3),
     ("grad", 32): TileConfig(64, 64, 32, 8, 3),
     ("topk", 32): TileConfig(32, 64, 32, 8, 3),

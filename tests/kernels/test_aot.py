@@ -21,6 +21,12 @@ In-place races: every kernel's TTGIR goes through tests/support/triton_ir.in_pla
 reads and writes of one buffer by different lanes with no barrier between them); a canary with
 kd_epilogue's old label-logit race shows the check catches it.
 
+Hopper tensor cores: for capability 90 triton targets `sm_90a` (the PTX says `.target sm_90a`),
+the only arch with wgmma. A bf16 tl.dot lowers to `wgmma.mma_async` there only if the tile fits
+a warpgroup (BM >= 64 rows per 4 warps); otherwise it falls back to Ampere's `mma.sync` at half
+the tensor-core rate. So every bf16 kernel with a tensor-core dot must use wgmma, and none
+mma.sync, on sm_90a (the top-k tiles were 32 rows: 8 mma.sync, no wgmma).
+
 Run by hand for the figures: python -m tests.kernels.test_aot 90 (put another triton first on
 PYTHONPATH, e.g. a `pip install --target` of triton==3.6.0, to check that version the same way).
 """
@@ -138,6 +144,14 @@ def _resources(cuobjdump: str, cubin: bytes) -> dict:
     return {"regs": int(usage["REG"]), "spill": int(usage["STACK"]) + int(usage["LOCAL"])}
 
 
+def mma_counts(ptx: str) -> dict:
+    """The PTX target and its tensor-core instructions: Hopper `wgmma.mma_async`, Ampere-style `mma.sync`."""
+    target = re.search(r"^\s*\.target\s+(\w+)", ptx, re.MULTILINE)
+    return {"ptx_target": target.group(1) if target else None,
+            "wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+            "mma_sync": len(re.findall(r"\bmma\.sync\b", ptx))}
+
+
 def compile_all(arch: int) -> list[dict]:
     """Compile every spec for sm_<arch>; one record per kernel (error text on failure)."""
     import triton
@@ -160,6 +174,7 @@ def compile_all(arch: int) -> list[dict]:
             record["shared"] = compiled.metadata.shared
             record["num_warps"] = compiled.metadata.num_warps
             record["hazards"] = in_place_hazards(compiled.asm["ttgir"])
+            record.update(mma_counts(compiled.asm["ptx"]))
             record["capped_spill"] = None
             if record["regs"] > MAX_REGS:  # headroom: does it fit MAX_REGS without spilling?
                 capped = build(kernel, signature, constexprs, {**options, "maxnreg": MAX_REGS})
@@ -217,6 +232,32 @@ def test_no_in_place_races(aot_records: dict[int, list[dict]], arch: int) -> Non
     assert not found, "\n".join(found)
     assert records["canary[race]"]["hazards"], "the check misses the label-logit race it exists for"
     assert not records["canary[fenced]"]["hazards"]
+
+
+# The kernels whose bf16 inner loop is a tl.dot tile: they must use the tensor cores.
+TILE_KERNELS = ("linear_lse[bf16]", "linear_grad[bf16]", "linear_topk[bf16,")
+
+
+def test_bf16_tile_kernels_use_wgmma_on_sm90a(aot_records: dict[int, list[dict]]) -> None:
+    """On sm_90a every bf16 kernel with a tensor-core dot issues wgmma and no mma.sync (full Hopper rate)."""
+    records = [r for r in aot_records[90] if "error" not in r and not r["canary"]]
+    assert {r["ptx_target"] for r in records} == {"sm_90a"}
+    tiles = [r for r in records if r["kernel"].startswith(TILE_KERNELS)]
+    assert len(tiles) == 4, [r["kernel"] for r in tiles]  # lse, grad, top-k k<=16 and k<=64
+    for r in records:
+        print(f"sm_90a {r['kernel']}: {r['wgmma']} wgmma.mma_async, {r['mma_sync']} mma.sync")
+    no_wgmma = [r["kernel"] for r in tiles if not r["wgmma"]]
+    assert not no_wgmma, f"bf16 tile kernels without wgmma on sm_90a: {no_wgmma}"
+    ampere = [f"{r['kernel']} ({r['mma_sync']})" for r in records if r["mma_sync"] and "[bf16" in r["kernel"]]
+    assert not ampere, f"bf16 kernels still issuing mma.sync on sm_90a: {ampere}"
+
+
+def test_mma_counts_reads_ptx() -> None:
+    """The PTX scan counts each instruction form and the target (no GPU, no compile)."""
+    ptx = (".version 8.7\n.target sm_90a\n\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};\n"
+           "\twgmma.fence.sync.aligned;\n\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...};\n")
+    assert mma_counts(ptx) == {"ptx_target": "sm_90a", "wgmma": 1, "mma_sync": 1}
+    assert mma_counts(".target sm_80\n") == {"ptx_target": "sm_80", "wgmma": 0, "mma_sync": 0}
 
 
 if __name__ == "__main__":
