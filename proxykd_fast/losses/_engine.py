@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ._gemm import accumulate_grad_weight, grad_input_chunk, grad_operand, logits_into, workspace
+from ._gemm import accumulate_grad_weight, grad_input_chunk, grad_operand, grad_weight_buffer, logits_into, workspace
 from ._spec import Head
 from ._vocab_parallel import VocabShard
 
@@ -93,7 +93,7 @@ def run(
         else:
             out.hidden = torch.empty_like(hs) if dense else torch.zeros_like(hs)
     if grad_weight:
-        out.weight = torch.zeros(ws.shape, device=device, dtype=acc_dtype)
+        out.weight = grad_weight_buffer(ws, acc_dtype, hs.dtype)
     if grad_bias:
         out.bias = torch.zeros(vocab, device=device, dtype=acc_dtype)
     if not chunks:
@@ -120,6 +120,8 @@ def run(
             accumulate_grad_weight(out.weight, S, x, G)
         if out.bias is not None:
             out.bias += S.sum(0)
+    if out.weight is not None and not out.weight.is_contiguous():
+        out.weight = out.weight.contiguous()  # the CPU low-precision accumulator is stored transposed
     return _reduced(out, shard, hs.dtype)
 
 

@@ -77,15 +77,40 @@ def grad_input_chunk(dlogits: Tensor, weight: Tensor) -> Tensor:
     return torch.mm(grad_operand(dlogits, weight), weight)
 
 
+def _cpu_lowp_gemm(weight: Tensor, acc_dtype: torch.dtype) -> bool:
+    """Whether dW of this CPU weight should come from low-precision GEMMs (oneDNN runs bf16 natively
+    on avx512_bf16 / AMX, fp16 on avx512_fp16 / AMX-FP16): there they are ~4x an fp32 GEMM."""
+    if weight.device.type != "cpu" or acc_dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+def grad_weight_buffer(weight: Tensor, acc_dtype: torch.dtype, hidden_dtype: torch.dtype) -> Tensor:
+    """The zeroed [V, H] dW accumulator. For the CPU low-precision path it is an [H, V] block viewed as
+    [V, H]: accumulate_grad_weight then adds x.T @ G, whose operands are both row-major (oneDNN's fast
+    bf16 layout; G.T @ x runs ~1.7x slower), into it without a strided write."""
+    if hidden_dtype == weight.dtype and _cpu_lowp_gemm(weight, acc_dtype):
+        return torch.zeros(weight.shape[1], weight.shape[0], dtype=acc_dtype).t()
+    return torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype)
+
+
 def accumulate_grad_weight(dw32: Tensor, dlogits: Tensor, x: Tensor, dlogits_lp: Tensor | None = None) -> None:
     """dW += dlogits.T @ x, accumulated in fp32 whatever the input dtype.
 
     On CUDA a low-precision copy of dlogits (`dlogits_lp`, shared with dX) feeds a bf16/fp16
-    GEMM that accumulates straight into the fp32 buffer; elsewhere the GEMM runs in fp32.
+    GEMM that accumulates straight into the fp32 buffer. On a CPU with bf16/fp16 GEMM units the
+    same GEMM (fp32 inside oneDNN) writes each chunk's product rounded once to bf16/fp16, which is
+    added into the fp32 buffer (torch has no CPU GEMM with an fp32 output from bf16 operands);
+    elsewhere the GEMM runs in fp32.
     """
-    if (dlogits_lp is not None and dlogits_lp.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float16)
-            and dw32.dtype == torch.float32 and _mixed_gemm_ok(x.device, "addmm_acc")):
+    lowp = dlogits_lp is not None and dlogits_lp.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float16)
+    if lowp and dw32.dtype == torch.float32 and _mixed_gemm_ok(x.device, "addmm_acc"):
         torch.addmm(dw32, dlogits_lp.t(), x, out_dtype=torch.float32, out=dw32)
+        return
+    if lowp and _cpu_lowp_gemm(dlogits_lp, dw32.dtype):
+        dw32.t().add_(torch.mm(x.t().contiguous(), dlogits_lp))
         return
     dw32.addmm_(dlogits.t(), x.to(dw32.dtype))
 
