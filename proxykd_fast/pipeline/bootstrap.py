@@ -21,7 +21,7 @@ from proxykd_fast.options import alias_map
 from .config import StageConfig, TrainConfig
 from .metrics import check_reporters
 from .modeling import PipelineError, check_attn_implementation
-from .runinfo import clear_outputs, path_options, run_identity, start_run
+from .runinfo import clear_outputs, option_defaults, path_options, run_identity, start_run
 
 C = TypeVar("C", bound=StageConfig)
 
@@ -127,7 +127,7 @@ def open_run(cfg: StageConfig, acc: Any, *, stage: str, out: Path, record: str,
     if sync:
         acc.wait_for_everyone()
     start_run(out / record, run_identity(cfg, identity_keys), resume, acc.is_main_process, stage,
-              paths=path_options(cfg), aliases=alias_map(type(cfg)))
+              paths=path_options(cfg), aliases=alias_map(type(cfg)), defaults=option_defaults(cfg))
     if config_name and acc.is_main_process:
         cfg.save(out / config_name)
     return resume

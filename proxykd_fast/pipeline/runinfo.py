@@ -8,6 +8,7 @@ that name local files are compared as resolved absolute paths.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -43,6 +44,17 @@ def run_options(options: dict[str, Any], exclude: Iterable[str] = VOLATILE_OPTIO
     return json.loads(json.dumps(kept, default=str))
 
 
+def option_defaults(cfg: Any) -> dict[str, Any]:
+    """The config class's default value of every option (dataclass fields), JSON-normalised like an identity."""
+    defaults = {}
+    for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return run_options(defaults, exclude=())
+
+
 def run_identity(cfg: Any, keys: Iterable[str] | None = None) -> dict[str, Any]:
     """The identity of the run `cfg` describes: its result-deciding options (all but VOLATILE_OPTIONS, or `keys`)."""
     options = cfg.to_dict()
@@ -64,12 +76,15 @@ def clear_outputs(paths: Iterable[Path], is_main: bool) -> None:
 
 
 def start_run(path: Path, info: dict[str, Any], resume: bool, is_main: bool, stage: str,
-              paths: Iterable[str] = (), aliases: dict[str, str] | None = None) -> None:
+              paths: Iterable[str] = (), aliases: dict[str, str] | None = None,
+              defaults: dict[str, Any] | None = None) -> None:
     """Record the run's identity in `path`; with `resume`, first refuse a missing record or options that differ.
 
     Records written by older versions may hold volatile options (output_dir) and old option names
     (`aliases`, e.g. batch_size): the first are ignored, the second renamed, and their path options
-    resolved like today's before comparing.
+    resolved like today's before comparing. An option a record lacks (added to the stage after the
+    run was recorded) matches when the current value is its default (`defaults`): the old run ran
+    with that behaviour.
     """
     info = run_options(info, exclude=())
     if resume:
@@ -79,6 +94,9 @@ def start_run(path: Path, info: dict[str, Any], resume: bool, is_main: bool, sta
                 f"({path.name} is missing); run without --resume to start a new run")
         stored = {(aliases or {}).get(k, k): v for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
         stored = run_options(stored, paths=paths)
+        for k, v in (defaults or {}).items():
+            if k not in stored and k in info and info[k] == v:
+                stored[k] = v
         diff = sorted(k for k in set(stored) | set(info) if stored.get(k) != info.get(k))
         if diff:
             detail = "; ".join(f"{k}: stored {stored.get(k)!r}, now {info.get(k)!r}" for k in diff)
