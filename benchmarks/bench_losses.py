@@ -41,7 +41,7 @@ def _write(path: str | None, record: dict) -> None:
         Path(path).write_text(json.dumps(record, indent=1))
 
 
-def _paired_floor_ratio(case: Case, x: dict, device: torch.device, step, repeats: int) -> float:  # noqa: ANN001
+def _paired_floor_ratio(case: Case, x: dict, device: torch.device, step, repeats: int) -> float:
     """Median over rounds of (variant step / GEMM-floor step), the two alternating in this process.
 
     Load that drifts over minutes (other jobs on the machine) hits both sides of each ratio alike,
@@ -59,7 +59,7 @@ def _paired_floor_ratio(case: Case, x: dict, device: torch.device, step, repeats
     return sorted(ratios)[len(ratios) // 2]
 
 
-def test_case(benchmark, bench_case: Case, request: pytest.FixtureRequest) -> None:  # noqa: ANN001
+def test_case(benchmark, bench_case: Case, request: pytest.FixtureRequest) -> None:
     """Parity first, then time and peak memory of one (loss, variant, dtype, shape)."""
     opt = request.config.getoption
     out_path, repeats = opt("--bench-out"), opt("--bench-repeats")

@@ -1,6 +1,6 @@
 """Why our bf16 CE is slower than a plain bf16 GEMM + fp32 CE on an AMX CPU, and a prototype that is not.
 
-Issue 13: CE, N=4096, H=1024, V=32000, bf16, 2 threads. This script measures, in one process
+The case: CE, N=4096, H=1024, V=32000, bf16, 2 threads. This script measures, in one process
 and interleaved (so machine load hits every variant alike; times are per step, min and median
 over --repeats rounds):
 

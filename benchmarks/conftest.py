@@ -12,7 +12,7 @@ LIBRARIES = ("torch", "triton", "proxykd_fast", "liger-kernel", "trl", "cut-cros
              "transformers", "pytest-benchmark")
 
 
-def pytest_addoption(parser) -> None:  # noqa: ANN001
+def pytest_addoption(parser) -> None:
     group = parser.getgroup("proxykd loss suite")
     group.addoption("--bench-case", default=None, help="the case to measure, as JSON (spec.Case fields)")
     group.addoption("--bench-out", default=None, help="where to write the case's record (status, parity, memory)")
@@ -33,7 +33,7 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:  # noqa: ANN001
+def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
     """Tag the JSON with the device, thread count, load and every peer library's version."""
     from benchmarks.suite.measure import machine_tags
     from benchmarks.suite.run import resolve_device

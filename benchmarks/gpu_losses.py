@@ -8,7 +8,7 @@ online KD) for:
   baselines: naive torch (full logits), torch.compile of it, Liger, cut-cross-entropy (CE).
 Like for like: every implementation computes the same loss. Online KD is NLL + alpha * forward
 KL with alpha = 1, T = 1, against LigerFusedLinearJSDLoss(beta=0 (forward KL), temperature=1,
-weight_hard_loss=1, weight_soft_loss=1); Liger is skipped at other settings. DPO (issue 4) is
+weight_hard_loss=1, weight_soft_loss=1); Liger is skipped at other settings. DPO is
 sigmoid DPO, beta = 0.1, with precomputed ref_logps plus nll_alpha = 1 times the chosen NLL, on
 2B rows of T tokens (B chosen rows, then B rejected); Liger's DPO takes no precomputed ref_logps
 and is not run.
@@ -21,8 +21,8 @@ Any other failure of one implementation (OOM or an exception) is recorded and th
 run; the JSON under benchmarks/results/ is rewritten after every implementation.
 
 Memory: peak allocated during one fwd+bwd minus the inputs and the returned gradients, both
-including and excluding our fp32 dW accumulator (4*V*H bytes; issue 2 asks for fp32 gradient
-accumulation, so it is the gradient, held in fp32). Issue 3's memory targets are compared with
+including and excluding our fp32 dW accumulator (4*V*H bytes; the losses promise fp32 gradient
+accumulation, so it is the gradient, held in fp32). The memory targets are compared with
 the figure excluding it; the table shows both.
 
     python benchmarks/gpu_losses.py                 # N=16384, H=4096, V=128256, bf16
@@ -54,7 +54,7 @@ BASELINES = ("naive", "compiled", "liger", "cce")
 GEMMS = {"ce": 3, "kd_online": 4, "kd_offline": 3, "dpo": 3}
 ALPHA, TOPK = 1.0, 10
 DPO_BETA, DPO_NLL_ALPHA, DPO_REF_SPREAD = 0.1, 1.0, 5.0
-# Issue 3 / issue 4 targets: effective TFLOP/s, and peak extra GB (1e9 B, excluding the fp32 dW).
+# The GPU targets: effective TFLOP/s, and peak extra GB (1e9 B, excluding the fp32 dW).
 TFLOPS_TARGETS = {"ce": 650.0, "kd_offline": 650.0, "kd_online": 600.0, "dpo": 600.0}
 MEMORY_TARGETS_GB = {"triton": 2.5, "triton-chunked": 2.5, "triton-fused": 0.3}
 LIGER_SPEEDUP_TARGET = 1.5
@@ -108,7 +108,7 @@ def naive_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
 
 
 def dpo_objective(tok: torch.Tensor, valid: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """mean_b -logsigmoid(beta h_b) + nll_alpha * chosen NLL from [2B, T] token log-probs (issue 4's formula)."""
+    """mean_b -logsigmoid(beta h_b) + nll_alpha * chosen NLL from [2B, T] token log-probs (the documented formula)."""
     b = tok.shape[0] // 2
     sums = tok.sum(1)
     margin = (sums[:b] - ref[:b]) - (sums[b:] - ref[b:])
@@ -457,7 +457,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def target_lines(results: list[dict], full_shape: bool) -> list[str]:
-    """Issue 3 / 4 targets against this run's figures (memory: excluding the fp32 dW accumulator)."""
+    """The GPU targets against this run's figures (memory: excluding the fp32 dW accumulator)."""
     by = {(r["case"], r["impl"]): r for r in results}
     out = ["memory targets are compared with the peak EXCLUDING our fp32 dW accumulator (column 'GB excl.dW32')"]
     if not full_shape:
@@ -471,7 +471,7 @@ def target_lines(results: list[dict], full_shape: bool) -> list[str]:
                 out.append(f"{case:<11}{impl:<16}not measured: {r['status']}")
                 continue
             mem_t = MEMORY_TARGETS_GB[impl]
-            # issue 3's memory targets: CE and KD; the tile-fused form has no online-proxy variant
+            # the memory targets: CE and KD; the tile-fused form has no online-proxy variant
             has_mem = case != "dpo" and not (impl == "triton-fused" and case == "kd_online")
             mem = "" if not has_mem else (f", {r['peak_extra_gb']:.2f} GB vs <= {mem_t} GB: "
                                           f"{'met' if r['peak_extra_gb'] <= mem_t else 'MISSED'}")
@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
             "gemms": GEMMS, "dpo": {"beta": DPO_BETA, "nll_alpha": DPO_NLL_ALPHA, "loss_type": "sigmoid",
                                     "tokens_per_row": args.dpo_seq, "ref": "precomputed ref_logps"},
             "memory": "peak allocated beyond inputs and returned grads, GB = 1e9 B; 'peak_extra_gb' excludes "
-                      "our fp32 dW accumulator (4*V*H B), the figure issue 3's memory targets are compared with"}
+                      "our fp32 dW accumulator (4*V*H B), the figure the memory targets are compared with"}
     results: list[dict] = []
 
     def save(complete: bool = False) -> None:

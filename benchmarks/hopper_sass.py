@@ -87,7 +87,7 @@ def lse_tma_persistent_kernel(X, W, lse1, N, V, H, stride_x, stride_w, cols_per_
                       BM, BN, BK)
 
 
-def _compile(kernel, signature: dict, constexprs: dict, warps: int = WARPS) -> object:  # noqa: ANN001
+def _compile(kernel, signature: dict, constexprs: dict, warps: int = WARPS) -> object:
     from triton.backends.compiler import GPUTarget
 
     aligned = {"stride_x", "stride_w", "H", "V", "N", "cols_per_split"}

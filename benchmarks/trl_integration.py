@@ -39,7 +39,7 @@ SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, n
                tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def build_model(layers: int, seed: int):  # noqa: ANN201
+def build_model(layers: int, seed: int):
     """A randomly initialised SmolLM2-shaped Llama."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -64,14 +64,14 @@ def build_batch(rows: int, width: int, prompt: int, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "completion_mask": completion}
 
 
-def _tokenizer():  # noqa: ANN202
+def _tokenizer():
     """A word-level tokenizer with exactly the model's vocabulary (no download)."""
     from proxykd_fast.demo.world import build_tokenizer
 
     return build_tokenizer(SMOLLM2["vocab_size"] - 4)
 
 
-def _dummy(kind: str):  # noqa: ANN202
+def _dummy(kind: str):
     """The trainers want a train dataset; the timed step uses `build_batch` instead."""
     from datasets import Dataset
 
@@ -85,7 +85,7 @@ def trl_only(opts: dict) -> dict:
     return {k: v for k, v in opts.items() if k != "token_metrics"}
 
 
-def make_step(variant: str, args: argparse.Namespace):  # noqa: ANN201
+def make_step(variant: str, args: argparse.Namespace):
     """(step closure returning the loss, settle function) for one variant."""
 
     common = dict(report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _cpu_measure import MALLOC_ENV, peak_mb, reset_peak, rss_mb  # noqa: E402
+from _cpu_measure import MALLOC_ENV, peak_mb, reset_peak, rss_mb
 
 __all__ = ["MALLOC_ENV", "MemoryMeter", "machine_tags"]
 

@@ -18,7 +18,7 @@ from .spec import LOSSES, gemm_flops
 
 # Dense bf16 tensor-core peak (no sparsity) and HBM bandwidth, SXM parts (NVIDIA datasheets).
 GPUS = {"H100": (989.4e12, 3.35e12), "H200": (989.4e12, 4.8e12)}
-TARGET = (16384, 4096, 128256)  # N, H, V: issue 3's target shape, bf16
+TARGET = (16384, 4096, 128256)  # N, H, V: the project's GPU target shape, bf16
 GRAD_HEAD_BYTES, NOGRAD_HEAD_BYTES = 10, 8
 
 

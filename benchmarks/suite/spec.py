@@ -110,7 +110,7 @@ PRESETS = {
     "small": Preset("small", Shape(1024, 512, 8192), (), (), 1024),
     # The harness's own test: seconds.
     "tiny": Preset("tiny", Shape(64, 32, 384), (32, 64), (384, 512), 32, repeats=5),
-    # GPU (issue 3's target shape), N swept, V at N=4096 (Llama-2 to Llama-3 vocabularies).
+    # GPU (the project's target shape), N swept, V at N=4096 (Llama-2 to Llama-3 vocabularies).
     "gpu": Preset("gpu", Shape(16384, 4096, 128256), (4096, 8192, 16384), (32000, 128256), 4096),
 }
 

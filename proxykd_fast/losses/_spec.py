@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,10 +63,6 @@ class LossSpec:
         if self.divergence is None:
             return "ce"
         return "offline" if self.offline else self.divergence
-
-    def with_chunk_size(self, chunk_size: int | None) -> LossSpec:
-        """These options with another chunk size."""
-        return replace(self, chunk_size=chunk_size)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ BATCH, SEQ = 4, 128
 CASES = [("no", False), ("no", True), ("bf16", False), ("bf16", True)]  # (mixed precision, checkpointing)
 
 
-def memory_plan():  # noqa: ANN201 - the benchmark script as a module
+def memory_plan():
     if "memory_plan" not in sys.modules:
         spec = importlib.util.spec_from_file_location("memory_plan", REPO / "benchmarks" / "memory_plan.py")
         module = importlib.util.module_from_spec(spec)

@@ -108,7 +108,7 @@ def test_topk_oracle_and_id_check() -> None:
     assert oracle.errors(case, bad, ref, x)["topk_ids"] > 1e-3
 
 
-def test_parity_gate_passes_ours_and_fails_a_perturbed_or_nan_output(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_parity_gate_passes_ours_and_fails_a_perturbed_or_nan_output(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(oracle, "CACHE", tmp_path)
     case = tiny("ce")
     x = build_inputs(case, CPU)
@@ -131,7 +131,7 @@ def test_tolerance_is_the_floor_or_four_times_plain_torch() -> None:
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_ours_naive_and_floor_run_and_pass_parity(loss: str, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_ours_naive_and_floor_run_and_pass_parity(loss: str, tmp_path, monkeypatch) -> None:
     """Every loss end to end at a tiny shape: ours and naive pass the gate, the floor runs, skips say why."""
     monkeypatch.setattr(oracle, "CACHE", tmp_path)
     case = tiny(loss)
@@ -149,7 +149,7 @@ def test_ours_naive_and_floor_run_and_pass_parity(loss: str, tmp_path, monkeypat
     assert precheck(Case(loss, "ours-fused", "float32", 64, 24, 200), CPU).startswith("backend 'triton-fused'")
 
 
-def test_peer_variants_pass_parity(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_peer_variants_pass_parity(tmp_path, monkeypatch) -> None:
     """The eager peers (TRL, torch's linear_cross_entropy) compute the same functions as ours."""
     monkeypatch.setattr(oracle, "CACHE", tmp_path)
     for loss, variant in (("ce", "trl"), ("ce", "torch-lce"), ("logprobs", "trl"), ("logprobs", "torch-lce"),
@@ -188,7 +188,7 @@ def _suite(times: dict[str, float], preset: str = "small") -> dict:
             "suite": {"preset": preset, "device": "cpu", "repeats": 5, "threads": 2, "cases": cases}}
 
 
-def test_report_ratios_reasons_and_roofline(tmp_path) -> None:  # noqa: ANN001
+def test_report_ratios_reasons_and_roofline(tmp_path) -> None:
     data = _suite({"gemm-floor": 2.0, "ours": 2.2, "naive": 4.4, "trl": 3.3})
     path = tmp_path / "suite_small_cpu.json"
     path.write_text(json.dumps(data))

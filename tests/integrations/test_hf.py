@@ -224,7 +224,7 @@ def test_bad_options() -> None:
         model(input_ids=torch.ones(2, 5, dtype=torch.long), labels=torch.ones(2, 4, dtype=torch.long))
 
 
-def test_hf_trainer_with_gradient_accumulation_matches_the_unpatched_model(tmp_path) -> None:  # noqa: ANN001
+def test_hf_trainer_with_gradient_accumulation_matches_the_unpatched_model(tmp_path) -> None:
     """Trainer passes num_items_in_batch to the fused forward: two steps of accumulation 2 give the same weights."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments

@@ -9,7 +9,7 @@ import torch
 
 from proxykd_fast.demo.world import build_llama, build_tokenizer
 from proxykd_fast.integrations.trl import ProxyDPOConfig, ProxyKDConfig, align_proxy
-from tests.integrations.test_trl import COMMON, _sft_rows
+from tests.support.trl_data import COMMON, sft_rows
 
 
 def _args(tmp: Path) -> tuple[ProxyKDConfig, ProxyDPOConfig]:
@@ -29,7 +29,7 @@ def _seq_logps(model: torch.nn.Module, prompt: list[int], answer: list[int]) -> 
 
 def test_round_reference_is_the_proxy_at_round_start(tmp_path: Path) -> None:
     tok = build_tokenizer(40)
-    data = _sft_rows(8)
+    data = sft_rows(8)
     warm = build_llama(len(tok), 16, 1, 32, 2, 0)
     align_proxy(warm, tok, data, sft_args=_args(tmp_path / "a")[0], dpo_args=_args(tmp_path / "a")[1], rounds=0)
     proxy = build_llama(len(tok), 16, 1, 32, 2, 0)
@@ -52,8 +52,8 @@ def test_align_proxy_checks_its_arguments(tmp_path: Path) -> None:
     sft, dpo = _args(tmp_path)
     model = build_llama(len(tok), 16, 1, 32, 2, 0)
     with pytest.raises(ValueError, match="alpha=0"):
-        align_proxy(model, tok, _sft_rows(), sft_args=ProxyKDConfig(str(tmp_path), **COMMON), dpo_args=dpo)
+        align_proxy(model, tok, sft_rows(), sft_args=ProxyKDConfig(str(tmp_path), **COMMON), dpo_args=dpo)
     with pytest.raises(ValueError, match="rounds"):
-        align_proxy(model, tok, _sft_rows(), sft_args=sft, dpo_args=dpo, rounds=-1)
+        align_proxy(model, tok, sft_rows(), sft_args=sft, dpo_args=dpo, rounds=-1)
     with pytest.raises(ValueError, match="prompt and completion"):
-        align_proxy(model, tok, _sft_rows().rename_column("completion", "answer"), sft_args=sft, dpo_args=dpo)
+        align_proxy(model, tok, sft_rows().rename_column("completion", "answer"), sft_args=sft, dpo_args=dpo)

@@ -22,10 +22,7 @@ from proxykd_fast.integrations.trl import (
     load_precomputed,
 )
 from proxykd_fast.pipeline.targets import sigmoid_weights
-
-N_WORDS = 40
-COMMON = dict(report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0,
-              data_seed=0, backend="torch", dataloader_drop_last=False)
+from tests.support.trl_data import COMMON, N_WORDS, sft_rows, words
 
 
 @pytest.fixture(scope="module")
@@ -37,24 +34,12 @@ def _model(tok: Any, seed: int) -> torch.nn.Module:
     return build_llama(len(tok), 16, 1, 32, 2, seed)
 
 
-def _words(g: torch.Generator, n: int) -> str:
-    return " ".join(f"t{int(i)}" for i in torch.randint(0, N_WORDS, (n,), generator=g))
-
-
-def _sft_rows(n: int = 8, seed: int = 0) -> Any:
-    from datasets import Dataset
-
-    g = torch.Generator().manual_seed(seed)
-    return Dataset.from_list([{"prompt": _words(g, 2 + i % 3), "completion": " " + _words(g, 2 + (i * 5) % 7)}
-                              for i in range(n)])
-
-
 def _pref_rows(n: int = 4, seed: int = 0) -> Any:
     from datasets import Dataset
 
     g = torch.Generator().manual_seed(seed)
-    return Dataset.from_list([{"prompt": _words(g, 2 + i % 2), "chosen": " " + _words(g, 2 + i % 3),
-                               "rejected": " " + _words(g, 1 + (i * 3) % 5)} for i in range(n)])
+    return Dataset.from_list([{"prompt": words(g, 2 + i % 2), "chosen": " " + words(g, 2 + i % 3),
+                               "rejected": " " + words(g, 1 + (i * 3) % 5)} for i in range(n)])
 
 
 def _first_batch(trainer: Any) -> dict[str, Any]:
@@ -116,7 +101,7 @@ def test_online_proxy_loss_and_metrics_match_plain(tok: Any, tmp_path: Path, div
                         temperature=2.0 if divergence == "forward_kl" else 1.0, divergence=divergence,
                         weight_stats=weight_stats, **COMMON)
     student, proxy = _model(tok, 0), _model(tok, 1)
-    trainer = ProxyKDTrainer(student, proxy_model=proxy, args=cfg, train_dataset=_sft_rows(), processing_class=tok)
+    trainer = ProxyKDTrainer(student, proxy_model=proxy, args=cfg, train_dataset=sft_rows(), processing_class=tok)
     b = _first_batch(trainer)
     n_items = int((b["labels"][:, 1:] != -100).sum()) + 3  # as if other micro-batches shared the step
     loss = trainer.compute_loss(trainer.model, b, num_items_in_batch=n_items)
@@ -141,11 +126,11 @@ def test_pure_kd_equals_trl_distillation_trainer(tok: Any, tmp_path: Path) -> No
     cfg = ProxyKDConfig(str(tmp_path / "ours"), per_device_train_batch_size=4, max_steps=1, alpha=1.0,
                         nll_weight=0.0, use_weights=False, **COMMON)
     ours = ProxyKDTrainer(copy.deepcopy(student), proxy_model=copy.deepcopy(teacher), args=cfg,
-                          train_dataset=_sft_rows(), processing_class=tok)
+                          train_dataset=sft_rows(), processing_class=tok)
     opts = {k: v for k, v in COMMON.items() if k != "backend"}
     theirs = DistillationTrainer(copy.deepcopy(student), teacher_model=copy.deepcopy(teacher),
                                  args=DistillationConfig(str(tmp_path / "trl"), beta=0.0, per_device_train_batch_size=4,
-                                                         **opts), train_dataset=_sft_rows(), processing_class=tok)
+                                                         **opts), train_dataset=sft_rows(), processing_class=tok)
     b = _first_batch(ours)
     p = 3  # every row: a 3-token prompt (masked) then its completion, right padded
     b["labels"][:, :p] = -100
@@ -166,7 +151,7 @@ def test_alpha_zero_is_plain_sft_on_the_fused_ce(tok: Any, tmp_path: Path) -> No
     cfg = ProxyKDConfig(str(tmp_path), per_device_train_batch_size=4, max_steps=1, alpha=0.0, nll_weight=1.0,
                         **COMMON)
     student = _model(tok, 0)
-    trainer = ProxyKDTrainer(student, args=cfg, train_dataset=_sft_rows(), processing_class=tok)
+    trainer = ProxyKDTrainer(student, args=cfg, train_dataset=sft_rows(), processing_class=tok)
     b = _first_batch(trainer)
     loss = trainer.compute_loss(trainer.model, b)
     want = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
@@ -244,7 +229,7 @@ def test_offline_gradient_accumulation_is_exact(targets: tuple, tok: Any, tmp_pa
 
 def test_training_logs_trl_metric_names(tok: Any, tmp_path: Path) -> None:
     cfg = ProxyKDConfig(str(tmp_path), per_device_train_batch_size=2, max_steps=2, weight_stats="batch", **COMMON)
-    trainer = ProxyKDTrainer(_model(tok, 0), proxy_model=_model(tok, 1), args=cfg, train_dataset=_sft_rows(),
+    trainer = ProxyKDTrainer(_model(tok, 0), proxy_model=_model(tok, 1), args=cfg, train_dataset=sft_rows(),
                              processing_class=tok)
     trainer.train()
     logged = trainer.state.log_history[0]
@@ -262,7 +247,7 @@ def test_token_metrics_cost_a_pass_only_on_logged_steps(tok: Any, tmp_path: Path
     monkeypatch.setattr(kd_module, "token_stats", lambda *a, **k: seen.append(1) or real(*a, **k))
     cfg = ProxyKDConfig(str(tmp_path), per_device_train_batch_size=2, max_steps=4, alpha=0.0,
                         token_metrics=policy, **{**COMMON, "logging_steps": 2})
-    trainer = ProxyKDTrainer(_model(tok, 0), args=cfg, train_dataset=_sft_rows(), processing_class=tok)
+    trainer = ProxyKDTrainer(_model(tok, 0), args=cfg, train_dataset=sft_rows(), processing_class=tok)
     trainer.train()
     assert len(seen) == calls
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -280,14 +265,14 @@ def test_bad_configurations(tok: Any, tmp_path: Path) -> None:
         ProxyKDConfig(str(tmp_path), token_metrics="sometimes", **COMMON)
     cfg = ProxyKDConfig(str(tmp_path), **COMMON)
     with pytest.raises(ValueError, match="needs a proxy"):
-        ProxyKDTrainer(_model(tok, 0), args=cfg, train_dataset=_sft_rows(), processing_class=tok)
+        ProxyKDTrainer(_model(tok, 0), args=cfg, train_dataset=sft_rows(), processing_class=tok)
     with pytest.raises(ValueError, match="vocabulary"):
         ProxyKDTrainer(_model(tok, 0), proxy_model=build_llama(len(tok) + 1, 16, 1, 32, 2, 0), args=cfg,
-                       train_dataset=_sft_rows(), processing_class=tok)
+                       train_dataset=sft_rows(), processing_class=tok)
     from trl import SFTConfig
 
     with pytest.raises(TypeError, match="ProxyKDConfig"):
-        ProxyKDTrainer(_model(tok, 0), args=SFTConfig(str(tmp_path), use_cpu=True, bf16=False), train_dataset=_sft_rows(), processing_class=tok)
+        ProxyKDTrainer(_model(tok, 0), args=SFTConfig(str(tmp_path), use_cpu=True, bf16=False), train_dataset=sft_rows(), processing_class=tok)
 
 
 def test_align_topk_truncation_and_errors() -> None:
@@ -325,7 +310,7 @@ def _dpo_pair(tok: Any, tmp_path: Path, loss_type: list[str], precompute: bool, 
 
 
 def _ipo_takes_summed_references() -> bool:
-    """Whether dpo_loss reads IPO's ref_logps as sums and logs TRL's summed scale (issue 9, items 10-11)."""
+    """Whether dpo_loss reads IPO's ref_logps as sums and logs TRL's summed scale."""
     from proxykd_fast.losses import dpo_loss, sequence_log_probs
 
     g = torch.Generator().manual_seed(0)

@@ -18,7 +18,7 @@ from proxykd_fast.pipeline.config import (
     TrainConfig,
 )
 
-# The shared options issue 12 lists, under TRL's / TrainingArguments' names.
+# The shared options every stage takes, under TRL's / TrainingArguments' names.
 TRL_NAMES = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
              "max_steps", "max_length", "logging_steps", "save_steps", "save_total_limit", "report_to", "bf16",
              "gradient_checkpointing", "seed", "output_dir", "resume_from_checkpoint")
