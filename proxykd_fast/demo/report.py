@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from proxykd_fast.jsonl import read_jsonl
+
 ORDER = ["sft_only", "takd", "proxykd", "proxykd_no_weights", "proxykd_no_dpo", "proxykd_unaligned_proxy",
          "bayes_prior", "bayes_posterior", "whitebox_kd"]
 LABELS = {
@@ -118,7 +120,7 @@ def plot_curves(out: Path, results: dict[int, dict[str, Any]], filename: str = "
         path = Path(results[seed]["dirs"][name]) / "metrics.jsonl"
         if not path.exists():
             continue
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        rows = list(read_jsonl(path))
         color = f"C{ORDER.index(name) % 10}"  # one colour per model in every panel
         axes[0].plot([r["step"] for r in rows], [r["nll"] for r in rows], label=LABELS[name], lw=0.8, color=color)
         ev = [r for r in rows if "eval_nll" in r]

@@ -67,14 +67,31 @@ def epilogue_block(vocab: int) -> tuple[int, int]:
     return block, 8 if block >= 2048 else 4
 
 
+def split_count(n_row_tiles: int, n_col_tiles: int, sms: int) -> int:
+    """Vocab splits for a grid of row tiles x splits, one program per SM at a time: at least about two
+    waves, and among 1-4x that many the count whose last wave is fullest (fewest splits on a tie).
+
+    At N=2048, V=128256 on 132 SMs the plain two-wave count (17 splits, 272 programs) leaves 31% of
+    the pass as idle tail; 33 splits (528 programs, 4 full waves) leave none (benchmarks/HOPPER_NOTES.md).
+    """
+    want = max(1, min(triton.cdiv(2 * sms, n_row_tiles), n_col_tiles))
+    best, best_eff = want, -1.0
+    for s in range(want, min(4 * want, n_col_tiles) + 1):
+        actual = triton.cdiv(n_col_tiles, triton.cdiv(n_col_tiles, s))  # splits after rounding to whole tiles
+        programs = n_row_tiles * actual
+        eff = programs / (triton.cdiv(programs, sms) * sms)
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
 def vocab_splits(n: int, vocab: int, cfg: TileConfig, device: torch.device) -> tuple[int, int]:
-    """(n_splits, cols_per_split): split the vocab so row tiles x splits fill the GPU about twice."""
+    """(n_splits, cols_per_split): split the vocab so row tiles x splits fill the GPU in whole waves."""
     n_m = triton.cdiv(max(n, 1), cfg.bm)
     n_tiles = triton.cdiv(vocab, cfg.bn)
     if interpreting() or device.type != "cuda":
-        want = 2
+        want = min(2, n_tiles)
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(2 * sms, n_m)
-    per = triton.cdiv(n_tiles, max(1, min(want, n_tiles))) * cfg.bn
+        want = split_count(n_m, n_tiles, torch.cuda.get_device_properties(device).multi_processor_count)
+    per = triton.cdiv(n_tiles, max(1, want)) * cfg.bn
     return triton.cdiv(vocab, per), per

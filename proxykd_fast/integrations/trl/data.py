@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from proxykd_fast.integrations.hf import IGNORE_INDEX
+
 TARGET_COLUMNS = ("topk_ids", "topk_logprobs", "sample_weight", "loglik", "n_tokens")
 
 
@@ -25,7 +27,7 @@ def _rows(root: Path, manifest: dict[str, Any]) -> Any:
     for name in manifest["shards"]:
         for r in read_shard(root / name, manifest["top_k"]):
             yield {"index": r.index, "input_ids": list(r.input_ids),
-                   "labels": [-100] * r.prompt_len + list(r.input_ids[r.prompt_len:]),
+                   "labels": [IGNORE_INDEX] * r.prompt_len + list(r.input_ids[r.prompt_len:]),
                    "topk_ids": r.topk_ids.reshape(-1).tolist(), "topk_logprobs": r.topk_logprobs.reshape(-1).tolist(),
                    "loglik": float(r.loglik), "n_tokens": int(r.n_tokens)}
 
@@ -67,7 +69,7 @@ def load_precomputed(path: str | Path, *, tokenizer: Any = None, loglik: str | N
 
 def _scored_positions(labels: Tensor) -> list[Tensor]:
     """Per row, the shifted positions t (label of t+1 is not -100) in order."""
-    valid = labels[:, 1:] != -100
+    valid = labels[:, 1:] != IGNORE_INDEX
     return [row.nonzero().view(-1) for row in valid]
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from trl import DPOConfig, DPOTrainer
 
-from proxykd_fast.integrations.hf import hidden_and_head, shift_labels
+from proxykd_fast.integrations.hf import IGNORE_INDEX, hidden_and_head, shift_labels
 from proxykd_fast.losses import dpo_loss, sequence_log_probs
 
 from .metrics import token_metrics_due, token_stats
@@ -102,7 +102,7 @@ class ProxyDPOTrainer(DPOTrainer):
     @staticmethod
     def _targets(inputs: dict[str, Any]) -> Tensor:
         """Shifted labels: completion tokens of each row, prompt and padding ignored."""
-        return shift_labels(inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100))
+        return shift_labels(inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX))
 
     @staticmethod
     def _model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:

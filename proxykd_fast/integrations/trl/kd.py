@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from trl import SFTConfig, SFTTrainer
 
-from proxykd_fast.integrations.hf import hidden_and_head, shift_labels, vocab_size
+from proxykd_fast.integrations.hf import IGNORE_INDEX, hidden_and_head, shift_labels, vocab_size
 from proxykd_fast.losses import linear_cross_entropy, proxy_kd_loss, sequence_log_probs
 
 from .data import TARGET_COLUMNS, ProxyTargetsCollator
@@ -77,7 +77,7 @@ def kd_objective(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor
     if alpha == 0:
         nll = linear_cross_entropy(hidden, weight, labels, bias=bias, reduction="sum",
                                    chunk_size=kd.get("chunk_size"), backend=kd.get("backend", "auto"))
-        count = (labels != -100).sum()
+        count = (labels != IGNORE_INDEX).sum()
         denom = num_items_in_batch if num_items_in_batch is not None else count.clamp_min(1)
         if isinstance(denom, Tensor):
             denom = denom.to(nll.device)
@@ -167,7 +167,7 @@ class ProxyKDTrainer(SFTTrainer):
         hidden, weight, bias = hidden_and_head(self.proxy_model, **self._model_inputs(inputs))
         ll = sequence_log_probs(hidden, weight, targets, bias=bias, chunk_size=self.args.chunk_size,
                                 backend=self.args.backend)
-        return ll, (targets != -100).sum(-1)
+        return ll, (targets != IGNORE_INDEX).sum(-1)
 
     def _add_dataset_weights(self, dataset: Any) -> Any:
         """sample_weight from the online proxy's log-likelihoods over the whole train set (one no-grad pass).
