@@ -533,6 +533,9 @@ def test_dpo_refuses_bad_weights_by_name(tok: Any, tmp_path: Path) -> None:
         ProxyDPOTrainer(_model(tok, 0), args=ProxyDPOConfig(str(tmp_path), sample_weight_column="pair_w", **COMMON),
                         train_dataset=_pref_rows().add_column("pair_w", WEIGHTS), eval_dataset=_pref_rows(),
                         processing_class=tok)
+    with pytest.warns(UserWarning, match="sample_weight column, but sample_weight_column is None"):
+        ProxyDPOTrainer(_model(tok, 0), ref_model=_model(tok, 1), args=ProxyDPOConfig(str(tmp_path), **COMMON),
+                        train_dataset=_pref_rows().add_column("sample_weight", WEIGHTS), processing_class=tok)
     with pytest.raises(TypeError, match="sample_weight_column must be a column name"):
         ProxyDPOConfig(str(tmp_path), sample_weight_column=3, **COMMON)
     with pytest.raises(ValueError, match="sample_weight_column='ref_chosen_logps' is a column DPOTrainer"):

@@ -18,6 +18,7 @@ under WPO), and `weight_mean` logs the batch's mean pair weight.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +83,8 @@ class ProxyDPOTrainer(DPOTrainer):
         if not isinstance(args, DPOConfig):
             raise TypeError(f"args must be a DPOConfig, got {type(args).__name__}")
         self._plan = _loss_plan(args)
-        unsupported = {"ld_alpha": args.ld_alpha is not None, "padding_free": args.padding_free, "f_divergence_type": args.f_divergence_type != "reverse_kl"}
+        unsupported = {"ld_alpha": args.ld_alpha is not None, "padding_free": args.padding_free,
+                       "f_divergence_type": args.f_divergence_type != "reverse_kl"}
         bad = [k for k, on in unsupported.items() if on]
         if bad:
             raise ValueError(f"ProxyDPOTrainer does not support {bad} (the fused loss has no such option)")
@@ -93,6 +95,9 @@ class ProxyDPOTrainer(DPOTrainer):
         if self._weight_column:  # before tokenization and any reference precompute
             check_weight_column(kwargs.get("train_dataset"), self._weight_column, "train")
             check_weight_column(kwargs.get("eval_dataset"), self._weight_column, "eval")
+        elif "sample_weight" in (getattr(kwargs.get("train_dataset"), "column_names", None) or []):
+            warnings.warn("the train dataset has a sample_weight column, but sample_weight_column is None: pairs are "
+                          "unweighted (set sample_weight_column='sample_weight' to weight them)", stacklevel=2)
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
         if self.aux_loss_enabled:
             raise ValueError("the MoE router aux loss is not supported by ProxyDPOTrainer: set router_aux_loss_coef=0")
