@@ -309,6 +309,23 @@ def _dpo_pair(tok: Any, tmp_path: Path, loss_type: list[str], precompute: bool, 
     return theirs, ours
 
 
+def _assert_equal_trl(theirs: Any, ours: Any) -> dict[str, float]:
+    """On TRL's first batch: equal loss, metrics (TRL's names) and gradients; returns our metrics."""
+    b = _first_batch(theirs)
+    want = theirs.compute_loss(theirs.model, dict(b))
+    got = ours.compute_loss(ours.model, dict(b))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    want_m, got_m = _metrics(theirs), _metrics(ours)
+    assert want_m.keys() <= got_m.keys()
+    for k, v in want_m.items():
+        assert got_m[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    want.backward()
+    got.backward()
+    for (n, p), q in zip(theirs.model.named_parameters(), ours.model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    return got_m
+
+
 def _ipo_takes_summed_references() -> bool:
     """Whether dpo_loss reads IPO's ref_logps as sums and logs TRL's summed scale."""
     from proxykd_fast.losses import dpo_loss, sequence_log_probs
@@ -334,18 +351,7 @@ def test_dpo_loss_and_metrics_equal_trl(tok: Any, tmp_path: Path, loss_type: lis
         for col in ("ref_chosen_logps", "ref_rejected_logps"):
             torch.testing.assert_close(torch.tensor(ours.train_dataset[col]), torch.tensor(theirs.train_dataset[col]),
                                        rtol=1e-5, atol=1e-5)
-    b = _first_batch(theirs)
-    want = theirs.compute_loss(theirs.model, dict(b))
-    got = ours.compute_loss(ours.model, dict(b))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    want_m, got_m = _metrics(theirs), _metrics(ours)
-    assert want_m.keys() <= got_m.keys()
-    for k, v in want_m.items():
-        assert got_m[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
-    want.backward()
-    got.backward()
-    for (n, p), q in zip(theirs.model.named_parameters(), ours.model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    _assert_equal_trl(theirs, ours)
 
 
 def test_dpo_with_peft_and_the_adapter_as_reference_equals_trl(tok: Any, tmp_path: Path) -> None:
@@ -501,18 +507,7 @@ def test_dpo_wpo_weighting_equals_trl(tok: Any, tmp_path: Path, loss_type: list[
     (TRL 1.16 itself fails with use_weighting on "sft" and, in backward, on hinge: it multiplies in place.)
     """
     theirs, ours = _dpo_pair(tok, tmp_path, loss_type, False, use_weighting=True)
-    b = _first_batch(theirs)
-    want = theirs.compute_loss(theirs.model, dict(b))
-    got = ours.compute_loss(ours.model, dict(b))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    want_m, got_m = _metrics(theirs), _metrics(ours)
-    assert want_m.keys() <= got_m.keys() and 0 < got_m["weight_mean"] != 1.0
-    for k, v in want_m.items():
-        assert got_m[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
-    want.backward()
-    got.backward()
-    for (n, p), q in zip(theirs.model.named_parameters(), ours.model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert 0 < _assert_equal_trl(theirs, ours)["weight_mean"] != 1.0
 
 
 def test_dpo_refuses_bad_weights_by_name(tok: Any, tmp_path: Path) -> None:
