@@ -448,7 +448,7 @@ def plot(res: dict, path: Path) -> None:
             ax.bar(xs, [res["results"][k][p][key] * scale for k in kinds], width=0.38, label=p)
         ax.set_xticks(range(len(kinds)), kinds)
         ax.set_title(label, fontsize=10)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower right")
     s = res["shape"]
     fig.suptitle(f"FSDP2 head: gather vs vocab-parallel, N={s['n']}/rank H={s['h']} V={s['v']} "
                  f"world={s['world']} {s['dtype']} (CPU, gloo)", fontsize=10)
