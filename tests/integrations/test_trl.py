@@ -309,6 +309,23 @@ def _dpo_pair(tok: Any, tmp_path: Path, loss_type: list[str], precompute: bool, 
     return theirs, ours
 
 
+def _assert_equal_trl(theirs: Any, ours: Any) -> dict[str, float]:
+    """On TRL's first batch: equal loss, metrics (TRL's names) and gradients; returns our metrics."""
+    b = _first_batch(theirs)
+    want = theirs.compute_loss(theirs.model, dict(b))
+    got = ours.compute_loss(ours.model, dict(b))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    want_m, got_m = _metrics(theirs), _metrics(ours)
+    assert want_m.keys() <= got_m.keys()
+    for k, v in want_m.items():
+        assert got_m[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    want.backward()
+    got.backward()
+    for (n, p), q in zip(theirs.model.named_parameters(), ours.model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    return got_m
+
+
 def _ipo_takes_summed_references() -> bool:
     """Whether dpo_loss reads IPO's ref_logps as sums and logs TRL's summed scale."""
     from proxykd_fast.losses import dpo_loss, sequence_log_probs
@@ -334,18 +351,7 @@ def test_dpo_loss_and_metrics_equal_trl(tok: Any, tmp_path: Path, loss_type: lis
         for col in ("ref_chosen_logps", "ref_rejected_logps"):
             torch.testing.assert_close(torch.tensor(ours.train_dataset[col]), torch.tensor(theirs.train_dataset[col]),
                                        rtol=1e-5, atol=1e-5)
-    b = _first_batch(theirs)
-    want = theirs.compute_loss(theirs.model, dict(b))
-    got = ours.compute_loss(ours.model, dict(b))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    want_m, got_m = _metrics(theirs), _metrics(ours)
-    assert want_m.keys() <= got_m.keys()
-    for k, v in want_m.items():
-        assert got_m[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
-    want.backward()
-    got.backward()
-    for (n, p), q in zip(theirs.model.named_parameters(), ours.model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    _assert_equal_trl(theirs, ours)
 
 
 def test_dpo_with_peft_and_the_adapter_as_reference_equals_trl(tok: Any, tmp_path: Path) -> None:
@@ -394,8 +400,8 @@ def test_dpo_uses_reference_columns_given_in_the_dataset(tok: Any, tmp_path: Pat
 
 
 def test_dpo_refuses_what_the_fused_loss_lacks(tok: Any, tmp_path: Path) -> None:
-    for kw, match in (({"loss_type": ["bco_pair"]}, "loss_type"), ({"use_weighting": True}, "use_weighting"),
-                      ({"ld_alpha": 0.5}, "ld_alpha")):
+    for kw, match in (({"loss_type": ["bco_pair"]}, "loss_type"), ({"f_divergence_type": "forward_kl"},
+                                                                   "f_divergence_type"), ({"ld_alpha": 0.5}, "ld_alpha")):
         with pytest.raises(ValueError, match=match):
             ProxyDPOTrainer(_model(tok, 0), ref_model=_model(tok, 1), args=ProxyDPOConfig(str(tmp_path), **kw, **COMMON),
                             train_dataset=_pref_rows(), processing_class=tok)
@@ -408,3 +414,132 @@ def test_dpo_trains_a_few_steps(tok: Any, tmp_path: Path) -> None:
                               processing_class=tok)
     trainer.train()
     assert {"loss", "rewards/margins", "logps/chosen", "entropy"} <= set(trainer.state.log_history[0])
+
+
+# ------------------------------------------------------------------------------------------- DPO, per-pair weights
+
+WEIGHTS = [0.5, 2.0, 0.0, 1.25]  # one per row of _pref_rows(), a zero among them
+
+
+def _weighted_dpo(tok: Any, tmp_path: Path, weights: list[float] | None, **kw: Any) -> Any:
+    """ProxyDPOTrainer with (weights given) the `pair_w` column of per-pair weights; online reference."""
+    data = _pref_rows() if weights is None else _pref_rows().add_column("pair_w", weights)
+    opts = dict(per_device_train_batch_size=4, max_steps=1, beta=0.3, **COMMON, **kw)
+    if weights is not None:
+        opts["sample_weight_column"] = "pair_w"
+    return ProxyDPOTrainer(_model(tok, 0), ref_model=_model(tok, 1), args=ProxyDPOConfig(str(tmp_path), **opts),
+                           train_dataset=data, processing_class=tok)
+
+
+def _plain_weighted_dpo(policy: torch.nn.Module, ref: torch.nn.Module, b: dict[str, Any], beta: float,
+                        weights: torch.Tensor, wpo: bool, sft_weight: float) -> dict[str, torch.Tensor]:
+    """sum_b w_b l_b / B (sigmoid DPO) + sft_weight * chosen NLL from full fp64 logits; w times WPO's if wpo."""
+    y = shift_labels(b["input_ids"].masked_fill(b["completion_mask"] == 0, -100))
+    valid = y != -100
+
+    def token_logps(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.double(), -1)
+        return logp.gather(-1, y.clamp_min(0)[..., None])[..., 0] * valid, logp
+
+    pt, logp = token_logps(policy)
+    with torch.no_grad():
+        rt, _ = token_logps(ref)
+    pi, rf = pt.sum(-1), rt.sum(-1)
+    n = pi.shape[0] // 2
+    lc, lr = pi[:n] - rf[:n], pi[n:] - rf[n:]
+    w = weights.double()
+    if wpo:  # WPO eq. 2: exp(mean_t log p(y_t) - log sum_v p_v^2), chosen times rejected, no gradient
+        with torch.no_grad():
+            aligned = ((pt - torch.logsumexp(2 * logp, -1)) * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+            r = aligned.exp()
+            w = w * r[:n] * r[n:]
+    pref = (w * -torch.nn.functional.logsigmoid(beta * (lc - lr))).sum() / n
+    nll = -pt[:n].sum() / valid[:n].sum()
+    return {"loss": pref + sft_weight * nll, "rewards/chosen": beta * lc.mean(), "rewards/rejected": beta * lr.mean(),
+            "rewards/margins": beta * (lc - lr).mean(), "logps/chosen": pi[:n].mean(), "logps/rejected": pi[n:].mean(),
+            "weight_mean": w.mean()}
+
+
+@pytest.mark.parametrize("use_weighting", [False, True])
+def test_dpo_weight_column_equals_plain_weighted_dpo(tok: Any, tmp_path: Path, use_weighting: bool) -> None:
+    """The column reaches dpo_loss row by row (through tokenization, remove_unused_columns and collation)."""
+    trainer = _weighted_dpo(tok, tmp_path, WEIGHTS, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7],
+                            use_weighting=use_weighting)
+    assert trainer.train_dataset["pair_w"] == WEIGHTS  # survives TRL's tokenization, in the dataset's order
+    b = _first_batch(trainer)
+    by_row = {tuple(r["prompt_ids"] + r["chosen_ids"]): r["pair_w"] for r in trainer.train_dataset}
+    n = b["input_ids"].shape[0] // 2
+    want_w = [by_row[tuple(b["input_ids"][i][b["attention_mask"][i] == 1].tolist())] for i in range(n)]
+    assert b["pair_w"].dtype == torch.float32 and b["pair_w"].tolist() == want_w  # each pair its own weight
+    policy, ref = _model(tok, 0), _model(tok, 1)  # the trainer's models, built again from their seeds
+    got = trainer.compute_loss(trainer.model, dict(b))
+    want = _plain_weighted_dpo(policy, ref, b, 0.3, b["pair_w"], use_weighting, 0.7)
+    torch.testing.assert_close(got.double(), want["loss"], rtol=1e-5, atol=1e-7)
+    m = _metrics(trainer)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+              "weight_mean"):
+        assert m[k] == pytest.approx(float(want[k]), rel=1e-5, abs=1e-6), k
+    got.backward()
+    want["loss"].backward()
+    for (name, p), q in zip(policy.named_parameters(), trainer.model.parameters()):
+        torch.testing.assert_close(q.grad.double(), p.grad.double(), rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_dpo_unit_weights_equal_the_unweighted_run(tok: Any, tmp_path: Path) -> None:
+    ones = _weighted_dpo(tok, tmp_path / "ones", [1.0] * 4, loss_type=["sigmoid", "sft"])
+    plain = _weighted_dpo(tok, tmp_path / "plain", None, loss_type=["sigmoid", "sft"])
+    b = _first_batch(ones)
+    got, want = ones.compute_loss(ones.model, dict(b)), plain.compute_loss(plain.model, dict(b))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got_m, want_m = _metrics(ones), _metrics(plain)
+    assert got_m.pop("weight_mean") == 1.0 and "weight_mean" not in want_m
+    assert got_m == want_m
+    got.backward()
+    want.backward()
+    for p, q in zip(plain.model.parameters(), ones.model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], IPO])
+def test_dpo_wpo_weighting_equals_trl(tok: Any, tmp_path: Path, loss_type: list[str]) -> None:
+    """use_weighting=True: TRL's WPO weights, from the policy's token probabilities of the same pass.
+
+    (TRL 1.16 itself fails with use_weighting on "sft" and, in backward, on hinge: it multiplies in place.)
+    """
+    theirs, ours = _dpo_pair(tok, tmp_path, loss_type, False, use_weighting=True)
+    assert 0 < _assert_equal_trl(theirs, ours)["weight_mean"] != 1.0
+
+
+def test_dpo_refuses_bad_weights_by_name(tok: Any, tmp_path: Path) -> None:
+    from proxykd_fast.integrations.trl.pair_weights import PairWeightCollator
+
+    for weights, err, match in (([0.5, float("nan"), 1.0, 1.0], ValueError, "'pair_w' must be finite"),
+                                ([0.5, 1.0, float("inf"), 1.0], ValueError, "'pair_w' must be finite"),
+                                ([0.5, 1.0, 1.0, -0.5], ValueError, r"'pair_w' must be >= 0, got -0.5 at row 3"),
+                                ([0.5, None, 1.0, 1.0], ValueError, "'pair_w'.*missing"),
+                                (["1", "2", "3", "4"], TypeError, "'pair_w'.*one number per pair"),
+                                ([True, False, True, True], TypeError, "'pair_w'.*one number per pair")):
+        with pytest.raises(err, match=match):
+            _weighted_dpo(tok, tmp_path, weights)
+    with pytest.raises(ValueError, match="'pair_w' is not a column of the train dataset"):
+        ProxyDPOTrainer(_model(tok, 0), args=ProxyDPOConfig(str(tmp_path), sample_weight_column="pair_w", **COMMON),
+                        train_dataset=_pref_rows(), processing_class=tok)
+    with pytest.raises(ValueError, match="'pair_w' is not a column of the eval dataset"):
+        ProxyDPOTrainer(_model(tok, 0), args=ProxyDPOConfig(str(tmp_path), sample_weight_column="pair_w", **COMMON),
+                        train_dataset=_pref_rows().add_column("pair_w", WEIGHTS), eval_dataset=_pref_rows(),
+                        processing_class=tok)
+    with pytest.warns(UserWarning, match="sample_weight column, but sample_weight_column is None"):
+        ProxyDPOTrainer(_model(tok, 0), ref_model=_model(tok, 1), args=ProxyDPOConfig(str(tmp_path), **COMMON),
+                        train_dataset=_pref_rows().add_column("sample_weight", WEIGHTS), processing_class=tok)
+    with pytest.raises(TypeError, match="sample_weight_column must be a column name"):
+        ProxyDPOConfig(str(tmp_path), sample_weight_column=3, **COMMON)
+    with pytest.raises(ValueError, match="sample_weight_column='ref_chosen_logps' is a column DPOTrainer"):
+        ProxyDPOConfig(str(tmp_path), sample_weight_column="ref_chosen_logps", **COMMON)
+    # Batches of an iterable dataset are checked as they are collated.
+    collate = PairWeightCollator(lambda rows: {"n": len(rows)}, "pair_w")
+    assert collate([{"pair_w": 2}, {"pair_w": 0.5}])["pair_w"].tolist() == [2.0, 0.5]
+    for rows, err, match in (([{"pair_w": 1.0}, {}], ValueError, "'pair_w': an example of the batch has no such key"),
+                             ([{"pair_w": [1.0]}], TypeError, "'pair_w' must hold one number per pair"),
+                             ([{"pair_w": -1.0}], ValueError, "'pair_w' must be >= 0")):
+        with pytest.raises(err, match=match):
+            collate(rows)

@@ -3,6 +3,7 @@
 SFTTrainer / DPOTrainer log `entropy`, `mean_token_accuracy` and (DPO) `logits/chosen|rejected`
 from their fused head; here the same numbers come from one forward GEMM per chunk of scored rows,
 with at most `chunk_rows` x V logits alive at a time. Statistics only: nothing here is differentiated.
+With `wpo=True` the same pass also gives each token's log p(y) - log sum_v p_v^2 (TRL's WPO weights).
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ class TokenStats:
     entropy: Tensor  # [M] fp32
     is_top1: Tensor  # [M] bool
     mean_logit: Tensor  # [M] fp32
+    wpo_logp: Tensor | None = None  # [M] fp32 log p(label) - log sum_v p_v^2, with wpo=True
 
 
 @torch.no_grad()
 def token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                ignore_index: int = -100, chunk_rows: int | None = None) -> tuple[TokenStats, Tensor]:
+                ignore_index: int = -100, chunk_rows: int | None = None, wpo: bool = False,
+                ) -> tuple[TokenStats, Tensor]:
     """Statistics of the rows of hidden [..., H] whose (already shifted) label is not ignored; and their mask."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     mask = labels.reshape(-1) != ignore_index
@@ -61,6 +64,7 @@ def token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
     entropy = torch.empty(n, dtype=torch.float32, device=x.device)
     top1 = torch.empty(n, dtype=torch.bool, device=x.device)
     mean_logit = torch.empty(n, dtype=torch.float32, device=x.device)
+    wpo_logp = torch.empty(n, dtype=torch.float32, device=x.device) if wpo else None
     for s in range(0, n, rows):
         z = (x[s : s + rows] @ w.t()).float()
         if b is not None:
@@ -69,4 +73,7 @@ def token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
         top1[s : s + rows] = z.argmax(-1) == y[s : s + rows]
         logp = torch.log_softmax(z, -1)
         entropy[s : s + rows] = -(logp.exp() * logp).sum(-1)
-    return TokenStats(entropy, top1, mean_logit), mask.view(labels.shape)
+        if wpo_logp is not None:
+            label_logp = logp.gather(-1, y[s : s + rows, None]).squeeze(-1)
+            wpo_logp[s : s + rows] = label_logp - torch.logsumexp(2.0 * logp, -1)
+    return TokenStats(entropy, top1, mean_logit, wpo_logp), mask.view(labels.shape)
