@@ -11,8 +11,8 @@ Distributed heads, two ways:
   rows of the full one. Per chunk only per-row statistics are all-reduced, never logits: bytes
   per token and call (fp32) are 12 for CE and log-probs (row max, sum-exp, label logit), 12 + 4
   with entropy, about 36 for online KD (max and sum-exp of student at 1 and 1/T and of the
-  proxy, the label logit, the divergence's partial sums; reverse KL / JSD add one more), 8 + 4k
-  for offline top-k KD, 8 + 12 k x ranks for top-k (the candidates), plus 4 H per token for the
+  proxy, the label logit, the divergence's partial sums; reverse KL / JSD add one more), 12 + 4k
+  for offline top-k KD (20 + 4k at T != 1), 8 + 12 k x ranks for top-k (the candidates), plus 4 H per token for the
   hidden's gradient, all-reduced once per pass. The row kernels of the Triton / CUDA backends
   finish a row in one launch, so vocab-parallel calls run the chunk engine with the torch epilogue.
 - A DTensor weight (an FSDP2-sharded `lm_head.weight`, or a tied embedding, read outside the

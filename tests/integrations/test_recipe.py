@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,7 @@ def test_align_proxy_checks_its_arguments(tmp_path: Path) -> None:
         align_proxy(model, tok, sft_rows(), sft_args=sft, dpo_args=dpo, rounds=-1)
     with pytest.raises(ValueError, match="prompt and completion"):
         align_proxy(model, tok, sft_rows().rename_column("completion", "answer"), sft_args=sft, dpo_args=dpo)
+    weighted = copy.deepcopy(dpo)
+    weighted.sample_weight_column = "sample_weight"
+    with pytest.raises(ValueError, match="sample_weight_column is not supported by align_proxy"):
+        align_proxy(model, tok, sft_rows(), sft_args=sft, dpo_args=weighted)

@@ -102,6 +102,10 @@ def align_proxy(model: nn.Module, processing_class: Any, train_dataset: Any, *, 
         raise TypeError(f"dpo_args must be a ProxyDPOConfig, got {type(dpo_args).__name__}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
+    if dpo_args.sample_weight_column is not None:
+        raise ValueError("dpo_args.sample_weight_column is not supported by align_proxy: it builds its own pairs "
+                         "(teacher answer chosen, proxy sample rejected) each round; use use_weighting=True for WPO "
+                         "weights, or ProxyDPOTrainer directly on a weighted pairs dataset")
     columns = set(train_dataset.column_names)
     if not {"prompt", "completion"} <= columns:
         raise ValueError(f"train_dataset must have prompt and completion columns, got {sorted(columns)}")
