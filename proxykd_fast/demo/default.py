@@ -191,6 +191,25 @@ def finished(cfg: DistillConfig) -> bool:
         json.loads(info.read_text(encoding="utf-8")) == run_options(run_identity(cfg), exclude=())
 
 
+def distill_students(root: Path, rows: tuple[str, ...], common: dict[str, Any], variants: dict[str, dict[str, Any]],
+                     timings: dict[str, Any]) -> dict[str, str]:
+    """Distill each of `rows` into root/<row> (options: `common` plus the row's `variants`), reusing a student
+    that finished with the same options; each one's seconds go into `timings`. Returns the students' dirs."""
+    dirs = {}
+    for name in rows:
+        t = time.perf_counter()
+        dirs[name] = str(root / name)
+        cfg = DistillConfig(output_dir=dirs[name], **common, **variants[name])
+        if finished(cfg):
+            _log(f"distill: {name} (finished earlier with the same options: reused)")
+            continue
+        _log(f"distill: {name}")
+        distill(cfg)
+        timings[f"{name}_s"] = time.perf_counter() - t
+        _log(f"  {name} took {timings[f'{name}_s']:.0f}s")
+    return dirs
+
+
 def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
              rows: tuple[str, ...] = MAIN_ROWS, reuse: bool = False) -> dict[str, Any]:
     """Every stage for one seed; returns the eval table rows, the target-quality table and output dirs.
@@ -273,18 +292,7 @@ def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
         "bayes_posterior": dict(targets=str(targets.get("posterior")), alpha=s.alpha, use_weights=False),
         "whitebox_kd": dict(proxy=str(teacher_dir), data=str(train), alpha=s.alpha, use_weights=False),
     }
-    dirs = {}
-    for name in rows:
-        t = time.perf_counter()
-        dirs[name] = str(root / name)
-        cfg = DistillConfig(output_dir=dirs[name], **common, **variants[name])
-        if finished(cfg):
-            _log(f"distill: {name} (finished earlier with the same options: reused)")
-            continue
-        _log(f"distill: {name}")
-        distill(cfg)
-        timings[f"{name}_s"] = time.perf_counter() - t
-        _log(f"  {name} took {timings[f'{name}_s']:.0f}s")
+    dirs = distill_students(root, rows, common, variants, timings)
 
     t = time.perf_counter()
     teacher = load_model(str(teacher_dir))

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from proxykd_fast.pipeline import AlignProxyConfig, DistillConfig, PrecomputeConfig, align_proxy, distill, precompute
+from proxykd_fast.pipeline import AlignProxyConfig, PrecomputeConfig, align_proxy, precompute
 from proxykd_fast.pipeline.data import load_records, tokenize_records
 from proxykd_fast.pipeline.evaluate import heldout_nll
 
@@ -97,7 +97,7 @@ def run_smollm2(out: Path, seed: int, alpha: float | None = None, n_train: int =
     from proxykd_fast.teacher.server import TeacherServer
 
     from .bayes import bayes_targets, context_coverage
-    from .default import _log, finished, write_if_changed
+    from .default import _log, distill_students, write_if_changed
 
     unknown = [s for s in students if s not in SMOL_ROWS]
     if unknown or "sft_only" not in students:
@@ -157,15 +157,7 @@ def run_smollm2(out: Path, seed: int, alpha: float | None = None, n_train: int =
                 "bayes_prior": dict(targets=str(targets.get("bayes_prior")), alpha=kd_alpha, use_weights=False),
                 "bayes_posterior": dict(targets=str(targets.get("bayes_posterior")), alpha=kd_alpha,
                                         use_weights=False)}
-    for name in students:
-        t = time.perf_counter()
-        cfg = DistillConfig(output_dir=str(out / name), **common, **variants[name])
-        if finished(cfg):
-            _log(f"distill: {name} (finished earlier with the same options: reused)")
-            continue
-        _log(f"distill: {name}")
-        distill(cfg)
-        timings[f"{name}_s"] = time.perf_counter() - t
+    distill_students(out, students, common, variants, timings)
     t = time.perf_counter()
     examples = tokenize_records(load_records(val), tok, 256)
     results = {}

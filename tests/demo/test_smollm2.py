@@ -28,6 +28,7 @@ def _tiny_smollm2(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.slow
 def test_smollm2_preset_miniature_reports_v1_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import proxykd_fast.demo.bayes as bayes
+    import proxykd_fast.demo.default as default
     import proxykd_fast.demo.smollm2 as smol
     import proxykd_fast.prior as prior_pkg
 
@@ -72,7 +73,7 @@ def test_smollm2_preset_miniature_reports_v1_and_resumes(tmp_path: Path, monkeyp
     monkeypatch.setattr(smol, "precompute", spy(smol.precompute, "precompute"))
     monkeypatch.setattr(bayes, "precompute", spy(bayes.precompute, "precompute"))
     monkeypatch.setattr(prior_pkg, "build_prior", spy(prior_pkg.build_prior, "prior"))
-    monkeypatch.setattr(smol, "distill", lambda cfg: pytest.fail(f"{cfg.output_dir} was distilled again"))
+    monkeypatch.setattr(default, "distill", lambda cfg: pytest.fail(f"{cfg.output_dir} was distilled again"))
     assert smol.run_smollm2(out, 0, n_train=40, n_val=10) == 0
     assert written == [("precompute", 0), ("prior", 0), ("precompute", 0), ("precompute", 0)]
     again = json.loads((out / "results.json").read_text())
