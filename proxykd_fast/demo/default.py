@@ -191,6 +191,25 @@ def finished(cfg: DistillConfig) -> bool:
         json.loads(info.read_text(encoding="utf-8")) == run_options(run_identity(cfg), exclude=())
 
 
+def distill_students(root: Path, rows: tuple[str, ...], common: dict[str, Any], variants: dict[str, dict[str, Any]],
+                     timings: dict[str, Any]) -> dict[str, str]:
+    """Distill each of `rows` into root/<row> (options: `common` plus the row's `variants`), reusing a student
+    that finished with the same options; each one's seconds go into `timings`. Returns the students' dirs."""
+    dirs = {}
+    for name in rows:
+        t = time.perf_counter()
+        dirs[name] = str(root / name)
+        cfg = DistillConfig(output_dir=dirs[name], **common, **variants[name])
+        if finished(cfg):
+            _log(f"distill: {name} (finished earlier with the same options: reused)")
+            continue
+        _log(f"distill: {name}")
+        distill(cfg)
+        timings[f"{name}_s"] = time.perf_counter() - t
+        _log(f"  {name} took {timings[f'{name}_s']:.0f}s")
+    return dirs
+
+
 def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
              rows: tuple[str, ...] = MAIN_ROWS, reuse: bool = False) -> dict[str, Any]:
     """Every stage for one seed; returns the eval table rows, the target-quality table and output dirs.
@@ -199,7 +218,7 @@ def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
     read back instead of running again. Stages resume from disk: align-proxy keeps its finished phases,
     precompute and prior their shards, and a student that finished with the same options is reused.
     """
-    from proxykd_fast.prior import PriorConfig, build_prior
+    from .bayes import bayes_targets
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -248,27 +267,11 @@ def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
     timings["precompute_s"] = time.perf_counter() - t
     bayes = "bayes_prior" in rows or "bayes_posterior" in rows
     fit = None
-    prior_dir = root / "prior"
+    prior_dir = None
     if bayes:
-        t = time.perf_counter()
-        info = build_prior(PriorConfig(data=str(train), tokenizer=str(proxy_dir), output_dir=str(prior_dir),
-                                       order=s.prior_order, max_length=1024, progress=progress, resume="auto"))
-        timings["prior_s"] = time.perf_counter() - t
-        _log(f"prior: {info['num_events']} events, {info['num_contexts']} contexts, {info['num_pairs']} "
-             f"(context, token) pairs in {timings['prior_s']:.1f}s")
-        t = time.perf_counter()
-        for name, kind in (("prior", "prior"), ("posterior", "dirichlet")):
-            targets[name] = root / f"targets_{name}"
-            res = precompute(PrecomputeConfig(proxy=str(proxy_dir), output_dir=str(targets[name]), prior=str(prior_dir),
-                                              posterior=kind, posterior_fit_data=str(val), **common_pre))
-            timings[f"precompute_{name}_s"] = time.perf_counter() - t
-            timings[f"precompute_{name}_hook"] = res["posterior_timing"]
-            if kind == "dirichlet":
-                fit = res["posterior"]
-                _log(f"posterior fit on {fit['fit_tokens']} held-out teacher tokens: kappa {fit['strength']:.3g}, "
-                     f"alpha {fit['mix']:.3g}; NLL prior {fit['nll_prior']:.4f}, proxy {fit['nll_proxy']:.4f}, "
-                     f"posterior {fit['nll_posterior']:.4f}")
-            t = time.perf_counter()
+        prior_dir, bayes_dirs, fit = bayes_targets(root, train, val, proxy_dir, s.prior_order, common_pre,
+                                                   timings=timings, progress=progress, log=_log)
+        targets.update(bayes_dirs)
 
     student0 = root / "student_init"
     if not (student0 / "config.json").exists():
@@ -289,18 +292,7 @@ def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
         "bayes_posterior": dict(targets=str(targets.get("posterior")), alpha=s.alpha, use_weights=False),
         "whitebox_kd": dict(proxy=str(teacher_dir), data=str(train), alpha=s.alpha, use_weights=False),
     }
-    dirs = {}
-    for name in rows:
-        t = time.perf_counter()
-        dirs[name] = str(root / name)
-        cfg = DistillConfig(output_dir=dirs[name], **common, **variants[name])
-        if finished(cfg):
-            _log(f"distill: {name} (finished earlier with the same options: reused)")
-            continue
-        _log(f"distill: {name}")
-        distill(cfg)
-        timings[f"{name}_s"] = time.perf_counter() - t
-        _log(f"  {name} took {timings[f'{name}_s']:.0f}s")
+    dirs = distill_students(root, rows, common, variants, timings)
 
     t = time.perf_counter()
     teacher = load_model(str(teacher_dir))
@@ -316,7 +308,7 @@ def run_seed(out: Path, seed: int, s: DemoSettings, progress: bool = False,
     from .target_quality import target_kls
 
     quality = target_kls(teacher_dir, {"proxy_sft": proxy_sft, "proxy_aligned": proxy_dir},
-                         prior_dir if bayes else None, fit, "proxy_aligned", examples, tok.pad_token_id)
+                         prior_dir, fit, "proxy_aligned", examples, tok.pad_token_id)
     timings["target_quality_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     result = {"eval": results, "targets_kl": quality, "posterior_fit": fit, "dirs": dirs, "align": align,
