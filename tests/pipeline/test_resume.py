@@ -1,6 +1,7 @@
 """Kill-and-resume (distill through the CLI on one process and on two FSDP2 processes; align-proxy and precompute
-on two FSDP2 processes), fresh starts without --resume, and refused resumes with changed options. The kills are deterministic: every process SIGKILLs itself right after
-a given checkpoint is on disk (`pipeline.faults`), so no test races a timer."""
+on two FSDP2 processes), fresh starts without --resume, and refused resumes with changed options. The kills are
+deterministic: every process SIGKILLs itself right after a given checkpoint is on disk (`pipeline.faults`), so
+no test races a timer."""
 
 from __future__ import annotations
 
