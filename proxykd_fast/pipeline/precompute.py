@@ -23,6 +23,7 @@ from torch import Tensor
 
 from proxykd_fast.losses import linear_topk, sequence_log_probs
 
+from . import faults
 from .bootstrap import open_run, start_stage
 from .config import PrecomputeConfig, parse_split
 from .data import Example, count_records, iter_records, sft_batch, tokenize_records
@@ -143,6 +144,8 @@ def _precompute(cfg: PrecomputeConfig, acc: Any) -> dict[str, Any]:
             if acc.is_main_process:
                 write_shard(out / name, rows, cfg.top_k, cfg.format)
             written += 1
+            acc.wait_for_everyone()  # past this point shard s is on disk, on every process
+            faults.after_checkpoint("precompute", s + 1)
     result = _finish(cfg, out, names, n, tok, posterior) if acc.is_main_process else None
     acc.wait_for_everyone()
     result = broadcast_object(result, acc)

@@ -1,6 +1,7 @@
-"""Kill-and-resume through the CLI (one process, and two FSDP2 processes), fresh starts without --resume, and
-refused resumes with changed options. The kills are deterministic: every process SIGKILLs itself right after
-a given checkpoint is on disk (`pipeline.faults`), so no test races a timer."""
+"""Kill-and-resume (distill through the CLI on one process and on two FSDP2 processes; align-proxy and precompute
+on two FSDP2 processes), fresh starts without --resume, and refused resumes with changed options. The kills are
+deterministic: every process SIGKILLs itself right after a given checkpoint is on disk (`pipeline.faults`), so
+no test races a timer."""
 
 from __future__ import annotations
 
@@ -126,6 +127,95 @@ def test_sigkill_under_two_fsdp_processes_then_resume_matches_one_process(
     assert [r["step"] for r in rows if "eval_nll" in r] == [r["step"] for r in want if "eval_nll" in r] == [3, 6, 9]
     assert [r["eval_nll"] for r in rows if "eval_nll" in r] == pytest.approx(
         [r["eval_nll"] for r in want if "eval_nll" in r], rel=1e-5)
+
+
+def _stage(rank: int, world: int, stage: str, opts: dict[str, object], result: Path) -> None:
+    """align-proxy or precompute with these options in a spawned process; the main one writes the result to
+    `result`."""
+    cfg = (AlignProxyConfig if stage == "align" else PrecomputeConfig)(**opts)
+    res = (align_proxy if stage == "align" else precompute)(cfg)
+    if rank == 0:
+        result.write_text(json.dumps(res))
+
+
+def _sigkill_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, opts: dict[str, object],
+                  kill: str) -> None:
+    """Run `stage` on 2 processes until both SIGKILL themselves right after checkpoint `kill`."""
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv(KILL_AFTER_CHECKPOINT, kill)
+    with pytest.raises(mp.ProcessExitedException) as killed:
+        spawn(_stage, 2, tmp_path, stage, opts, tmp_path / "killed.json")
+    assert killed.value.exit_code == -signal.SIGKILL
+    assert not (tmp_path / "killed.json").exists()
+    monkeypatch.delenv(KILL_AFTER_CHECKPOINT)
+
+
+def _resume(tmp_path: Path, stage: str, opts: dict[str, object]) -> dict[str, object]:
+    """The result of `stage` resumed on 2 new processes."""
+    spawn(_stage, 2, tmp_path, stage, {**opts, "resume": True}, tmp_path / "resumed.json")
+    return json.loads((tmp_path / "resumed.json").read_text())
+
+
+def test_align_sigkilled_in_a_dpo_round_under_two_fsdp_processes_then_resumed_matches_one_process(
+        files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Both processes of an FSDP2 align-proxy (SFT, DPO round 1, then round 2 on answers the sharded proxy sampled;
+    accumulation, held-out evaluation) die after checkpoint 2 of round 2; two new processes reuse the finished
+    phases and the stored rejected answers, resume the round from its checkpoint and end where one process does."""
+    opts = dict(proxy=str(files["proxy"]), data=str(files["train"]), warmup_split="0:0.5", align_split="0.5:1",
+                warmup_steps_sft=2, rounds=2, round_steps=4, beta=0.5, keep_round_if_worse=True, gen_batch_size=5,
+                gen_max_new_tokens=4, learning_rate=1e-2, lr_scheduler="linear", save_steps=2,
+                eval_data=str(files["val"]), eval_steps=2, eval_batch_size=4, progress=False)
+    out = tmp_path / "fsdp"
+    sharded = {**opts, "fsdp": True, "batch_size": 1, "grad_accum": 2, "output_dir": str(out)}
+    _sigkill_both(tmp_path, monkeypatch, "align", sharded, "proxy-dpo-2:2")
+    assert (out / "sft" / "final").is_dir() and (out / "round-1" / "final").is_dir()
+    assert not (out / "round-2" / "final").exists() and not (out / "config.json").exists()
+    assert sorted(p.name for p in (out / "round-2" / "checkpoints").iterdir()) == ["step-2"]
+    stored = json.loads((out / "round-2" / "rejected.json").read_text())
+    capfd.readouterr()
+    assert _resume(tmp_path, "align", sharded)["finished"]
+    assert "[proxy-dpo-2] resumed from" in capfd.readouterr().err
+
+    with single_process():
+        align_proxy(AlignProxyConfig(output_dir=str(tmp_path / "one"), batch_size=4, **opts))
+    one = tmp_path / "one"
+    _assert_same_weights(out, one, atol=1e-5)
+    for r in (1, 2):  # the same answers sampled by the sharded proxy; the killed round's were read back from disk
+        rejected = [json.loads((d / f"round-{r}" / "rejected.json").read_text()) for d in (one, out)]
+        assert rejected[0] == rejected[1] and len(rejected[0]) == 12
+    assert rejected[1] == stored
+    rows = read_metrics(out / "round-2" / "metrics.jsonl")
+    want = read_metrics(one / "round-2" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in want] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+    got, ref = (json.loads((d / "align_summary.json").read_text()) for d in (out, one))
+    assert [p["phase"] for p in got["phases"]] == ["sft", "round-1", "round-2"]
+    assert got["final_eval_nll"] == pytest.approx(ref["final_eval_nll"], rel=1e-5)
+
+
+def test_precompute_sigkilled_after_a_shard_under_two_fsdp_processes_then_resumed_writes_the_same_bytes(
+        files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both processes of an FSDP2 precompute die right after shard 2 of 5 is written; two new processes keep the
+    two shards, write the other three, the weights and the manifest: the files of one uninterrupted process."""
+    opts = dict(proxy=str(files["proxy"]), data=str(files["train"]), split="0:1", top_k=3, shard_size=5,
+                batch_size=2, progress=False)
+    out = tmp_path / "fsdp"
+    sharded = {**opts, "fsdp": True, "output_dir": str(out)}
+    _sigkill_both(tmp_path, monkeypatch, "precompute", sharded, "precompute:2")
+    assert sorted(p.name for p in out.iterdir()) == ["precompute_run.json", "shard-00000.parquet",
+                                                     "shard-00001.parquet"]
+    res = _resume(tmp_path, "precompute", sharded)
+    assert (res["skipped"], res["written"]) == (2, 3)
+
+    with single_process():
+        precompute(PrecomputeConfig(output_dir=str(tmp_path / "one"), **opts))
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names and "manifest.json" in names
+    assert len([n for n in names if n.startswith("shard-")]) == 5
+    for name in names:
+        assert (out / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
 def test_distill_without_resume_starts_fresh_and_resume_checks_options(files: dict[str, Path],
