@@ -58,7 +58,11 @@ class ChunkEpilogue(Protocol):
 
 @dataclass
 class Gradients:
-    """dX (the hidden's dtype), dW and db (fp32, or fp64) accumulated over a pass; None if not asked."""
+    """dX (the hidden's dtype), dW and db (fp32, or fp64) accumulated over a pass; None if not asked.
+
+    dW may be a transposed view (the CPU low-precision accumulator): hand it to autograd through
+    `_gemm.param_grad`, which writes it contiguous in the parameter's dtype.
+    """
 
     hidden: Tensor | None = None
     weight: Tensor | None = None
@@ -120,8 +124,6 @@ def run(
             accumulate_grad_weight(out.weight, S, x, G)
         if out.bias is not None:
             out.bias += S.sum(0)
-    if out.weight is not None and not out.weight.is_contiguous():
-        out.weight = out.weight.contiguous()  # the CPU low-precision accumulator is stored transposed
     return _reduced(out, shard, hs.dtype)
 
 

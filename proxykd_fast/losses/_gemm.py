@@ -96,6 +96,21 @@ def grad_weight_buffer(weight: Tensor, acc_dtype: torch.dtype, hidden_dtype: tor
     return torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype)
 
 
+def param_grad(t: Tensor | None, scale: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor | None:
+    """A gradient the engine accumulated (fp32), times the upstream scalar `scale`, as a contiguous tensor of
+    `dtype` (the parameter's): one fused multiply-cast-copy, so a transposed CPU accumulator costs no fp32 copy."""
+    if t is None:
+        return None
+    dtype = t.dtype if dtype is None else dtype
+    unit = scale is None or (scale.numel() == 1 and float(scale) == 1.0)
+    if unit and t.dtype == dtype and t.is_contiguous():
+        return t
+    out = torch.empty(t.shape, device=t.device, dtype=dtype)
+    if unit:
+        return out.copy_(t)
+    return torch.mul(t, scale.to(t.dtype), out=out)
+
+
 def accumulate_grad_weight(dw32: Tensor, dlogits: Tensor, x: Tensor, dlogits_lp: Tensor | None = None) -> None:
     """dW += dlogits.T @ x, accumulated in fp32 whatever the input dtype.
 

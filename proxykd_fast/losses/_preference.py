@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _engine
+from ._gemm import param_grad
 from ._spec import Head, accumulation_dtype, first_order_only
 from ._vocab_parallel import VocabShard
 
@@ -131,15 +132,6 @@ def token_pass(head: Head, plan: PairPlan, ops: TokenRows, obj: Objective | None
     return sums, grads
 
 
-def _scaled(t: Tensor | None, g: Tensor, dtype: torch.dtype | None) -> Tensor | None:
-    """A saved gradient times the upstream scalar, cast to its input's dtype."""
-    if t is None:
-        return None
-    if float(g) != 1.0:
-        t = t * g.to(t.dtype)
-    return t if dtype is None else t.to(dtype)
-
-
 class FusedSequenceLoss(torch.autograd.Function):
     """Loss and row log-prob sums; gradients are computed in the forward and scaled in the backward."""
 
@@ -157,7 +149,7 @@ class FusedSequenceLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_sums):
         dh, dw, db = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
-        return (_scaled(dh, grad_loss, None), _scaled(dw, grad_loss, w_dtype), _scaled(db, grad_loss, b_dtype),
+        return (param_grad(dh, grad_loss), param_grad(dw, grad_loss, w_dtype), param_grad(db, grad_loss, b_dtype),
                 None, None, None, None, None)
 
 

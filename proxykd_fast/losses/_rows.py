@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _engine
-from ._gemm import default_chunk_rows
+from ._gemm import default_chunk_rows, param_grad
 from ._spec import EpilogueArgs, Head, KDBatch, LossSpec, accumulation_dtype, first_order_only
 from ._vocab_parallel import VocabShard
 
@@ -95,15 +95,6 @@ def run_rows(batch: KDBatch, spec: LossSpec, epilogue: RowEpilogue, row_grad: Te
     return step, grads
 
 
-def _scale(t: Tensor | None, s: Tensor, dtype: torch.dtype | None = None) -> Tensor | None:
-    """Multiply a saved gradient by the upstream scalar (skipped when it is exactly 1)."""
-    if t is None:
-        return None
-    if not (s.numel() == 1 and float(s) == 1.0):
-        t = t * s.to(t.dtype)
-    return t if dtype is None else t.to(dtype)
-
-
 def _saved(batch: KDBatch) -> tuple[Tensor | None, ...]:
     """The batch's tensors in save_for_backward order."""
     s, p = batch.student, batch.proxy
@@ -145,13 +136,13 @@ class FusedRowLoss(torch.autograd.Function):
         _, w_dtype, b_dtype = ctx.dtypes
         if ctx.spec.reduction != "none":
             dh, dw, db = ctx.saved_tensors
-            return _scale(dh, grad_loss), _scale(dw, grad_loss, w_dtype), _scale(db, grad_loss, b_dtype), None, None, None
+            return (param_grad(dh, grad_loss), param_grad(dw, grad_loss, w_dtype), param_grad(db, grad_loss, b_dtype),
+                    None, None, None)
         batch = _restored(ctx.saved_tensors, ctx.template)
         gh, gw, gb = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         _, grads = run_rows(batch, ctx.spec, ctx.epilogue, grad_loss.reshape(-1), grad_hidden=gh, grad_weight=gw,
                             grad_bias=gb)
-        dw = None if grads.weight is None else grads.weight.to(w_dtype)
-        db = None if grads.bias is None else grads.bias.to(b_dtype)
+        dw, db = param_grad(grads.weight, dtype=w_dtype), param_grad(grads.bias, dtype=b_dtype)
         return grads.hidden, dw, db, None, None, None
 
 
@@ -245,8 +236,8 @@ class FusedLogProbsEntropy(torch.autograd.Function):
         hidden, weight, bias, labels = ctx.saved_tensors
         _, grads = _log_probs_entropy_pass(Head(hidden, weight, bias), labels, *ctx.args, (g_lp, g_h),
                                            tuple(ctx.needs_input_grad[:3]))
-        dw = None if grads.weight is None else grads.weight.to(weight.dtype)
-        db = None if grads.bias is None else grads.bias.to(bias.dtype)
+        dw = param_grad(grads.weight, dtype=weight.dtype)
+        db = None if bias is None else param_grad(grads.bias, dtype=bias.dtype)
         return grads.hidden, dw, db, None, None, None, None, None
 
 
