@@ -16,7 +16,16 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ._gemm import accumulate_grad_weight, grad_input_chunk, grad_operand, grad_weight_buffer, logits_into, workspace
+from ._gemm import (
+    accumulate_grad_weight,
+    grad_input_chunk,
+    grad_operand,
+    grad_weight_buffer,
+    grad_weight_once,
+    logits_into,
+    weight_grad_product,
+    workspace,
+)
 from ._spec import Head
 from ._vocab_parallel import VocabShard
 
@@ -60,8 +69,9 @@ class ChunkEpilogue(Protocol):
 class Gradients:
     """dX (the hidden's dtype), dW and db (fp32, or fp64) accumulated over a pass; None if not asked.
 
-    dW may be a transposed view (the CPU low-precision accumulator): hand it to autograd through
-    `_gemm.param_grad`, which writes it contiguous in the parameter's dtype.
+    dW may be a transposed view (the CPU low-precision accumulator, or a one-chunk pass's bf16/fp16
+    product): hand it to autograd through `_gemm.param_grad`, which writes it contiguous in the
+    parameter's dtype.
     """
 
     hidden: Tensor | None = None
@@ -96,7 +106,8 @@ def run(
             out.hidden = torch.zeros(hs.shape, device=device, dtype=acc_dtype)
         else:
             out.hidden = torch.empty_like(hs) if dense else torch.zeros_like(hs)
-    if grad_weight:
+    dw_once = grad_weight and grad_weight_once(ws, acc_dtype, hs.dtype, len(chunks))
+    if grad_weight and not dw_once:
         out.weight = grad_weight_buffer(ws, acc_dtype, hs.dtype)
     if grad_bias:
         out.bias = torch.zeros(vocab, device=device, dtype=acc_dtype)
@@ -120,10 +131,14 @@ def run(
                 out.hidden[chunk.start : chunk.stop] = dx
             else:
                 out.hidden.index_copy_(0, chunk.rows, dx.to(out.hidden.dtype))
-        if out.weight is not None:
+        if dw_once:
+            out.weight = weight_grad_product(x, G)
+        elif out.weight is not None:
             accumulate_grad_weight(out.weight, S, x, G)
         if out.bias is not None:
             out.bias += S.sum(0)
+    if dw_once and out.weight is None:  # the one chunk's epilogue had no gradient
+        out.weight = torch.zeros(ws.shape, device=device, dtype=acc_dtype)
     return _reduced(out, shard, hs.dtype)
 
 

@@ -108,7 +108,20 @@ def param_grad(t: Tensor | None, scale: Tensor | None = None, dtype: torch.dtype
     out = torch.empty(t.shape, device=t.device, dtype=dtype)
     if unit:
         return out.copy_(t)
-    return torch.mul(t, scale.to(t.dtype), out=out)
+    # a low-precision t (the one-chunk CPU product) is scaled by the fp32 scalar in fp32: one rounding
+    return torch.mul(t, scale.to(torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype), out=out)
+
+
+def grad_weight_once(weight: Tensor, acc_dtype: torch.dtype, hidden_dtype: torch.dtype, n_chunks: int) -> bool:
+    """Whether a pass's dW is one low-precision CPU GEMM, written as it is (no fp32 accumulator): a single
+    chunk, where the product rounded once is exactly what plain torch returns, at none of the
+    accumulator's zero fill, add and copy (which dominate at small N)."""
+    return n_chunks == 1 and hidden_dtype == weight.dtype and _cpu_lowp_gemm(weight, acc_dtype)
+
+
+def weight_grad_product(x: Tensor, dlogits_lp: Tensor) -> Tensor:
+    """dW = dlogits.T @ x as dW.T = x.T @ dlogits (both operands row-major: oneDNN's fast bf16 layout)."""
+    return torch.mm(x.t().contiguous(), dlogits_lp).t()
 
 
 def accumulate_grad_weight(dw32: Tensor, dlogits: Tensor, x: Tensor, dlogits_lp: Tensor | None = None) -> None:
@@ -125,7 +138,7 @@ def accumulate_grad_weight(dw32: Tensor, dlogits: Tensor, x: Tensor, dlogits_lp:
         torch.addmm(dw32, dlogits_lp.t(), x, out_dtype=torch.float32, out=dw32)
         return
     if lowp and _cpu_lowp_gemm(dlogits_lp, dw32.dtype):
-        dw32.t().add_(torch.mm(x.t().contiguous(), dlogits_lp))
+        dw32.add_(weight_grad_product(x, dlogits_lp))
         return
     dw32.addmm_(dlogits.t(), x.to(dw32.dtype))
 
