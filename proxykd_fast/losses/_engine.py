@@ -18,10 +18,10 @@ from torch import Tensor
 
 from ._gemm import (
     accumulate_grad_weight,
+    cpu_lowp_weight_grad,
     grad_input_chunk,
     grad_operand,
     grad_weight_buffer,
-    grad_weight_once,
     logits_into,
     weight_grad_product,
     workspace,
@@ -106,9 +106,12 @@ def run(
             out.hidden = torch.zeros(hs.shape, device=device, dtype=acc_dtype)
         else:
             out.hidden = torch.empty_like(hs) if dense else torch.zeros_like(hs)
-    dw_once = grad_weight and grad_weight_once(ws, acc_dtype, hs.dtype, len(chunks))
+    lowp_dw = grad_weight and cpu_lowp_weight_grad(ws, acc_dtype, hs.dtype)
+    # one low-precision CPU chunk: dW is its GEMM's product as it is (rounded once, as plain torch), with
+    # none of the fp32 accumulator's zero fill, add and copy, which dominate at small N
+    dw_once = lowp_dw and len(chunks) == 1
     if grad_weight and not dw_once:
-        out.weight = grad_weight_buffer(ws, acc_dtype, hs.dtype)
+        out.weight = grad_weight_buffer(ws, acc_dtype, transposed=lowp_dw)
     if grad_bias:
         out.bias = torch.zeros(vocab, device=device, dtype=acc_dtype)
     if not chunks:

@@ -87,12 +87,17 @@ def _cpu_lowp_gemm(weight: Tensor, acc_dtype: torch.dtype) -> bool:
     return weight.dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
-def grad_weight_buffer(weight: Tensor, acc_dtype: torch.dtype, hidden_dtype: torch.dtype) -> Tensor:
-    """The zeroed [V, H] dW accumulator. For the CPU low-precision path it is an [H, V] block viewed as
-    [V, H]: accumulate_grad_weight then adds x.T @ G, whose operands are both row-major (oneDNN's fast
-    bf16 layout; G.T @ x runs ~1.7x slower), into it without a strided write."""
-    if hidden_dtype == weight.dtype and _cpu_lowp_gemm(weight, acc_dtype):
-        return torch.zeros(weight.shape[1], weight.shape[0], dtype=acc_dtype).t()
+def cpu_lowp_weight_grad(weight: Tensor, acc_dtype: torch.dtype, hidden_dtype: torch.dtype) -> bool:
+    """Whether a pass's dW comes from CPU low-precision GEMMs (hidden and weight in the same bf16/fp16)."""
+    return hidden_dtype == weight.dtype and _cpu_lowp_gemm(weight, acc_dtype)
+
+
+def grad_weight_buffer(weight: Tensor, acc_dtype: torch.dtype, transposed: bool = False) -> Tensor:
+    """The zeroed [V, H] dW accumulator. For the CPU low-precision path (`transposed`) it is an [H, V] block
+    viewed as [V, H]: accumulate_grad_weight then adds x.T @ G, whose operands are both row-major (oneDNN's
+    fast bf16 layout; G.T @ x runs ~1.7x slower), into it without a strided write."""
+    if transposed:
+        return torch.zeros(weight.shape[1], weight.shape[0], device=weight.device, dtype=acc_dtype).t()
     return torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype)
 
 
@@ -110,13 +115,6 @@ def param_grad(t: Tensor | None, scale: Tensor | None = None, dtype: torch.dtype
         return out.copy_(t)
     # a low-precision t (the one-chunk CPU product) is scaled by the fp32 scalar in fp32: one rounding
     return torch.mul(t, scale.to(torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype), out=out)
-
-
-def grad_weight_once(weight: Tensor, acc_dtype: torch.dtype, hidden_dtype: torch.dtype, n_chunks: int) -> bool:
-    """Whether a pass's dW is one low-precision CPU GEMM, written as it is (no fp32 accumulator): a single
-    chunk, where the product rounded once is exactly what plain torch returns, at none of the
-    accumulator's zero fill, add and copy (which dominate at small N)."""
-    return n_chunks == 1 and hidden_dtype == weight.dtype and _cpu_lowp_gemm(weight, acc_dtype)
 
 
 def weight_grad_product(x: Tensor, dlogits_lp: Tensor) -> Tensor:

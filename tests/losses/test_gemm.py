@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from proxykd_fast.losses import linear_cross_entropy
-from proxykd_fast.losses._gemm import _cpu_lowp_gemm, accumulate_grad_weight, grad_weight_buffer
+from proxykd_fast.losses._gemm import (
+    _cpu_lowp_gemm,
+    accumulate_grad_weight,
+    cpu_lowp_weight_grad,
+    grad_weight_buffer,
+)
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -20,7 +25,7 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 def test_grad_weight_buffer_layout_and_accumulation(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 48, generator=g).to(dtype)
-    buf = grad_weight_buffer(w, torch.float32, dtype)
+    buf = grad_weight_buffer(w, torch.float32, transposed=cpu_lowp_weight_grad(w, torch.float32, dtype))
     assert buf.shape == w.shape and buf.dtype == torch.float32 and not buf.any()
     lowp = _cpu_lowp_gemm(w, torch.float32)
     assert buf.is_contiguous() != lowp  # transposed storage exactly when the low-precision path runs
