@@ -25,6 +25,9 @@ def _entry(rank: int, fn: Callable[..., None], world: int, rdzv: str, args: tupl
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        # every rank done before any tears gloo down: a group destroyed while a peer still has collectives
+        # in flight can abort that peer ("terminate called without an active exception", SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
