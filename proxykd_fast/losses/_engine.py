@@ -23,7 +23,7 @@ from ._gemm import (
     grad_operand,
     grad_weight_buffer,
     logits_into,
-    weight_grad_product,
+    weight_grad_once,
     workspace,
 )
 from ._spec import Head
@@ -69,9 +69,9 @@ class ChunkEpilogue(Protocol):
 class Gradients:
     """dX (the hidden's dtype), dW and db (fp32, or fp64) accumulated over a pass; None if not asked.
 
-    dW may be a transposed view (the CPU low-precision accumulator, or a one-chunk pass's bf16/fp16
-    product): hand it to autograd through `_gemm.param_grad`, which writes it contiguous in the
-    parameter's dtype.
+    dW may be a transposed view (the CPU low-precision accumulator) or a one-chunk pass's contiguous
+    bf16/fp16 product: hand it to autograd through `_gemm.param_grad`, which writes it contiguous in the
+    parameter's dtype (and passes the product through when the upstream gradient is 1).
     """
 
     hidden: Tensor | None = None
@@ -135,7 +135,7 @@ def run(
             else:
                 out.hidden.index_copy_(0, chunk.rows, dx.to(out.hidden.dtype))
         if dw_once:
-            out.weight = weight_grad_product(x, G)
+            out.weight = weight_grad_once(x, G)
         elif out.weight is not None:
             accumulate_grad_weight(out.weight, S, x, G)
         if out.bias is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proxykd_fast.losses import linear_cross_entropy
+from proxykd_fast.losses import _gemm, linear_cross_entropy
 from proxykd_fast.losses._gemm import (
     _cpu_lowp_gemm,
     accumulate_grad_weight,
@@ -21,8 +21,12 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref).norm() / ref.norm())
 
 
+@pytest.mark.parametrize("block_bytes", [None, 7 * 48 * 2])  # default: one vocab block; 7 rows: a ragged last one
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_grad_weight_buffer_layout_and_accumulation(dtype: torch.dtype) -> None:
+def test_grad_weight_buffer_layout_and_accumulation(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                    block_bytes: int | None) -> None:
+    if block_bytes is not None:
+        monkeypatch.setattr(_gemm, "WEIGHT_GRAD_BLOCK_BYTES", block_bytes)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 48, generator=g).to(dtype)
     buf = grad_weight_buffer(w, torch.float32, transposed=cpu_lowp_weight_grad(w, torch.float32, dtype))
@@ -58,3 +62,17 @@ def test_bf16_weight_grad_contiguous_and_no_worse_than_torch(chunk_size: int) ->
     assert ours[1].is_contiguous() and ours[1].dtype == torch.bfloat16
     for o, p, e in zip(ours, plain, exact):
         assert _rel(o, e) <= 1.25 * _rel(p, e) + 2 * torch.finfo(torch.bfloat16).eps
+
+
+@pytest.mark.parametrize("direct_rows", [0, 10_000])  # 0: the blocked x.T @ G form; 10,000: one G.T @ x GEMM
+def test_one_chunk_weight_grad_forms_agree_and_are_contiguous(monkeypatch: pytest.MonkeyPatch, direct_rows: int) -> None:
+    monkeypatch.setattr(_gemm, "DIRECT_WEIGHT_GRAD_ROWS", direct_rows)
+    monkeypatch.setattr(_gemm, "WEIGHT_GRAD_BLOCK_BYTES", 7 * 48 * 2)  # blocks of 7 vocab rows: a ragged last one
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 48, generator=g).bfloat16()
+    s = (torch.randn(40, 300, generator=g) * 0.1).bfloat16()
+    dw = _gemm.weight_grad_once(x, s)
+    assert dw.shape == (300, 48) and dw.dtype == torch.bfloat16 and dw.is_contiguous()
+    ref = s.double().t() @ x.double()
+    assert _rel(dw, ref) < 1e-2
+    torch.testing.assert_close(dw, torch.mm(s.t(), x), rtol=1e-2, atol=1e-3)
