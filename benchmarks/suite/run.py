@@ -1,6 +1,7 @@
 """Run the loss suite: every case in its own pytest-benchmark process, resumable, then one merged JSON.
 
-    python -m benchmarks.suite.run --preset full            # make bench (CPU: the issue's shape + sweeps)
+    python -m benchmarks.suite.run --preset medium          # make bench (CPU: N=1024 + sweeps, ~1.5 h on 2 cores)
+    python -m benchmarks.suite.run --preset full            # the issue's N=4096 CPU shape + sweeps (many hours)
     python -m benchmarks.suite.run --preset gpu             # on a GPU
     python -m benchmarks.suite.run --preset small --losses ce,kd_online --variants ours,gemm-floor,naive
 
@@ -126,6 +127,7 @@ def merge(run_dir: Path, cases: list[Case], meta: dict) -> dict:
     """pytest-benchmark JSON of all timed cases + the suite block of every case (in plan order)."""
     merged: dict = {"benchmarks": []}
     records, not_run = [], []
+    commits: dict[str, int] = {}  # commit -> timed cases measured at it (a resumed run can span commits)
     for case in cases:
         rec_path = run_dir / "cases" / f"{case.id}.json"
         if not rec_path.exists():
@@ -138,6 +140,9 @@ def merge(run_dir: Path, cases: list[Case], meta: dict) -> dict:
             for key in ("machine_info", "commit_info", "version"):
                 merged.setdefault(key, bench.get(key))
             merged["benchmarks"].extend(bench["benchmarks"])
+            info = bench.get("commit_info") or {}
+            commit = f"{info.get('id', '?')}{' (dirty)' if info.get('dirty') else ''}"
+            commits[commit] = commits.get(commit, 0) + 1
     if "machine_info" not in merged:  # nothing timed: still name the machine
         from benchmarks.conftest import library_versions
 
@@ -146,7 +151,7 @@ def merge(run_dir: Path, cases: list[Case], meta: dict) -> dict:
         merged["machine_info"] = {"proxykd": machine_tags(resolve_device(meta["device"])),
                                   "libraries": library_versions()}
     merged["datetime"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-    merged["suite"] = {**meta, "planned": len(cases), "not_run": not_run, "cases": records}
+    merged["suite"] = {**meta, "planned": len(cases), "not_run": not_run, "commits": commits, "cases": records}
     return merged
 
 
@@ -159,7 +164,7 @@ def _uptime() -> str:
 
 def main(argv: list[str] | None = None) -> Path | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="medium", choices=sorted(PRESETS))
     ap.add_argument("--losses", default=",".join(LOSSES))
     ap.add_argument("--variants", default=None, help="comma list (default: every variant of each loss)")
     ap.add_argument("--dtypes", default=None, help=f"comma list of {DTYPES} (default: the preset's)")

@@ -203,6 +203,14 @@ def test_report_ratios_reasons_and_roofline(tmp_path) -> None:
     assert block.splitlines()[-1].startswith("| kd_online | fp32 | 2.20 s | 1.10 |")
 
 
+def test_report_names_the_commit_and_every_commit_of_a_resumed_run() -> None:
+    data = _suite({"gemm-floor": 2.0, "ours": 2.2})
+    assert "- Commit: `abc`, run" in report.render(data, {}, {})
+    data["suite"]["commits"] = {"abc": 3, "def (dirty)": 1}  # a run resumed at a later commit
+    assert "- Commits: `abc` (3 cases), `def (dirty)` (1 case), run" in report.render(data, {}, {})
+    assert "rerun `BENCH_PRESET=small make bench`" in report.render(data, {}, {})
+
+
 def test_roofline_counts_gemms_and_epilogue_bytes() -> None:
     n, h, v = roofline.TARGET
     ce = roofline.predict("ce", "H100")
