@@ -250,7 +250,9 @@ def _machine(data: dict) -> tuple[str, list[str]]:
             f"{', '.join(tags.get('cpu_flags', []))})")
     lines = [f"- Machine: {name}; {suite.get('threads') or 'default'} threads per case; {tags.get('platform', '')}",
              f"- Load: `{suite.get('uptime_start', '')}` at the start, `{suite.get('uptime_end', '')}` at the end "
-             "(other jobs share this machine: absolute times are noisy, ratios within a run less so)",
+             "(other jobs share this machine: absolute times are noisy, ratios within a run less so)"
+             + "".join(f"; resumed at {seg.get('started', '?')} (`{seg.get('uptime_start', '')}`)"
+                       for seg in suite.get("resumed", [])),
              f"- {_commits(data)}, run {suite.get('started', '')} → {suite.get('finished', '')}",
              "- Versions: " + ", ".join(f"{k} {v}" for k, v in data["machine_info"].get("libraries", {}).items()
                                         if v)]

@@ -219,13 +219,19 @@ def main(argv: list[str] | None = None) -> Path | None:
     meta = {"preset": args.preset, "device": str(device), "repeats": repeats, "threads": args.threads,
             "uptime_start": _uptime(), "started": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     print(f"{len(cases)} cases ({args.preset}, {device}, {args.threads or 'default'} threads) -> {run_dir}")
+    meta_path = run_dir / "meta.json"
+    prior = json.loads(meta_path.read_text()) if meta_path.exists() and any(cases_dir.iterdir()) else {}
     if args.merge_only:
-        meta_path = run_dir / "meta.json"
-        if meta_path.exists():
-            meta.update({k: v for k, v in json.loads(meta_path.read_text()).items() if k in ("uptime_start", "started")})
+        meta.update({k: v for k, v in prior.items() if k in ("uptime_start", "started", "uptime_end", "finished",
+                                                              "resumed")})
         cases_iter = []
     else:
-        (run_dir / "meta.json").write_text(json.dumps(meta))
+        if prior:  # a resumed run: it started when its first segment did; each later segment is listed
+            segment = {"started": meta["started"], "uptime_start": meta["uptime_start"]}
+            meta.update(started=prior.get("started", meta["started"]),
+                        uptime_start=prior.get("uptime_start", meta["uptime_start"]),
+                        resumed=[*prior.get("resumed", []), segment])
+        meta_path.write_text(json.dumps(meta))
         cases_iter = cases
     progress = tqdm(cases_iter, unit="case", dynamic_ncols=True)
     for case in progress:
@@ -248,7 +254,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         rec = run_case(case, args, cases_dir, repeats)
         tail = f"{rec.get('median_s', 0):.3f} s" if rec["status"] == "ok" else rec.get("reason", "")[:80]
         progress.write(f"{case.id}: {rec['status']} {tail}")
-    meta.update(uptime_end=_uptime(), finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    if not args.merge_only:
+        meta.update(uptime_end=_uptime(), finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
+        meta_path.write_text(json.dumps(meta))
     merged = merge(run_dir, cases, meta)
     out = Path(args.out) if args.out else RESULTS / f"suite_{args.preset}_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.suite import check, oracle, report, roofline
+from benchmarks.suite import check, oracle, report, roofline, run
 from benchmarks.suite.inputs import IGNORE, build_inputs, valid_rows
 from benchmarks.suite.run import plan
 from benchmarks.suite.spec import LOSSES, PRESETS, Case, Shape, dpo_layout, gemm_count, gemm_flops
@@ -209,6 +209,22 @@ def test_report_names_the_commit_and_every_commit_of_a_resumed_run() -> None:
     data["suite"]["commits"] = {"abc": 3, "def (dirty)": 1}  # a run resumed at a later commit
     assert "- Commits: `abc` (3 cases), `def (dirty)` (1 case), run" in report.render(data, {}, {})
     assert "rerun `BENCH_PRESET=small make bench`" in report.render(data, {}, {})
+
+
+def test_a_resumed_run_keeps_its_first_start_and_lists_each_segment(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    m = PRESETS["tiny"].main
+    case = Case("ce", "quack", "float32", m.n, m.h, m.v)
+    cases = tmp_path / "runs" / "r" / "cases"
+    cases.mkdir(parents=True)
+    (cases / f"{case.id}.json").write_text(json.dumps(_record(case, None, status="skipped")))  # nothing left to run
+    (cases.parent / "meta.json").write_text(json.dumps({"started": "first", "uptime_start": "up 1"}))
+    argv = ["--preset", "tiny", "--losses", "ce", "--variants", "quack", "--dtypes", "float32", "--main-only",
+            "--run-name", "r", "--no-report", "--device", "cpu"]
+    suite = json.loads(run.main(argv).read_text())["suite"]
+    assert suite["started"] == "first" and suite["uptime_start"] == "up 1" and len(suite["resumed"]) == 1
+    merged = json.loads(run.main([*argv, "--merge-only"]).read_text())["suite"]  # merging keeps the whole span
+    assert (merged["started"], merged["finished"], merged["resumed"]) == ("first", suite["finished"], suite["resumed"])
 
 
 def test_roofline_counts_gemms_and_epilogue_bytes() -> None:
