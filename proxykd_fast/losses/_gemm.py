@@ -4,6 +4,7 @@ per-thread workspace so a CPU step does not page-fault fresh [C, V] buffers ever
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -127,10 +128,13 @@ WEIGHT_GRAD_BLOCK_BYTES = 8 << 20
 DIRECT_WEIGHT_GRAD_ROWS = 1024
 
 
-def _vocab_blocks(x: Tensor, vocab: int) -> list[slice]:
-    """Vocab column blocks of WEIGHT_GRAD_BLOCK_BYTES of [H, block] product each."""
+def _weight_grad_blocks(x: Tensor, dlogits_lp: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """(vocab block b, dW.T[:, b] = x.T @ dlogits[:, b]) for blocks of WEIGHT_GRAD_BLOCK_BYTES of product each."""
+    xt, vocab = x.t().contiguous(), dlogits_lp.shape[1]
     block = max(1, WEIGHT_GRAD_BLOCK_BYTES // max(1, x.shape[1] * x.element_size()))
-    return [slice(v0, min(v0 + block, vocab)) for v0 in range(0, vocab, block)]
+    for v0 in range(0, vocab, block):
+        b = slice(v0, min(v0 + block, vocab))
+        yield b, torch.mm(xt, dlogits_lp[:, b])
 
 
 def weight_grad_once(x: Tensor, dlogits_lp: Tensor) -> Tensor:
@@ -142,10 +146,9 @@ def weight_grad_once(x: Tensor, dlogits_lp: Tensor) -> Tensor:
     """
     if x.shape[0] <= DIRECT_WEIGHT_GRAD_ROWS:
         return torch.mm(dlogits_lp.t(), x)
-    xt = x.t().contiguous()
     out = torch.empty(dlogits_lp.shape[1], x.shape[1], device=x.device, dtype=x.dtype)
-    for b in _vocab_blocks(x, dlogits_lp.shape[1]):
-        out[b].copy_(torch.mm(xt, dlogits_lp[:, b]).t())
+    for b, product in _weight_grad_blocks(x, dlogits_lp):
+        out[b].copy_(product.t())
     return out
 
 
@@ -163,9 +166,9 @@ def accumulate_grad_weight(dw32: Tensor, dlogits: Tensor, x: Tensor, dlogits_lp:
         torch.addmm(dw32, dlogits_lp.t(), x, out_dtype=torch.float32, out=dw32)
         return
     if lowp and _cpu_lowp_gemm(dlogits_lp, dw32.dtype):
-        xt, acc_t = x.t().contiguous(), dw32.t()  # acc_t: the transposed accumulator's own [H, V] layout
-        for b in _vocab_blocks(x, dlogits_lp.shape[1]):
-            acc_t[:, b].add_(torch.mm(xt, dlogits_lp[:, b]))
+        acc_t = dw32.t()  # the transposed accumulator's own [H, V] layout
+        for b, product in _weight_grad_blocks(x, dlogits_lp):
+            acc_t[:, b].add_(product)
         return
     dw32.addmm_(dlogits.t(), x.to(dw32.dtype))
 
