@@ -233,13 +233,17 @@ def roofline_section(gpu_results: dict[str, Results]) -> list[str]:
     return lines
 
 
+def commit_label(info: dict) -> str:
+    """pytest-benchmark's commit_info as one label: the id, and "(dirty)" for uncommitted changes."""
+    return f"{info.get('id', '?')}{' (dirty)' if info.get('dirty') else ''}"
+
+
 def _commits(data: dict) -> str:
     """The commit the cases were measured at, or each commit with its case count when a resumed run spans several."""
-    commits = data["suite"].get("commits") or {}
-    if len(commits) > 1:
-        return "Commits: " + ", ".join(f"`{c}` ({n} case{'s' if n != 1 else ''})" for c, n in commits.items())
-    info = data.get("commit_info") or {}
-    return f"Commit: `{info.get('id', '?')}`{' (dirty)' if info.get('dirty') else ''}"
+    commits = data["suite"].get("commits") or {commit_label(data.get("commit_info") or {}): 0}
+    if len(commits) == 1:
+        return f"Commit: `{next(iter(commits))}`"
+    return "Commits: " + ", ".join(f"`{c}` ({n} case{'s' if n != 1 else ''})" for c, n in commits.items())
 
 
 def _machine(data: dict) -> tuple[str, list[str]]:

@@ -125,6 +125,8 @@ def run_case(case: Case, args: argparse.Namespace, cases_dir: Path, repeats: int
 
 def merge(run_dir: Path, cases: list[Case], meta: dict) -> dict:
     """pytest-benchmark JSON of all timed cases + the suite block of every case (in plan order)."""
+    from .report import commit_label
+
     merged: dict = {"benchmarks": []}
     records, not_run = [], []
     commits: dict[str, int] = {}  # commit -> timed cases measured at it (a resumed run can span commits)
@@ -140,8 +142,7 @@ def merge(run_dir: Path, cases: list[Case], meta: dict) -> dict:
             for key in ("machine_info", "commit_info", "version"):
                 merged.setdefault(key, bench.get(key))
             merged["benchmarks"].extend(bench["benchmarks"])
-            info = bench.get("commit_info") or {}
-            commit = f"{info.get('id', '?')}{' (dirty)' if info.get('dirty') else ''}"
+            commit = commit_label(bench.get("commit_info") or {})
             commits[commit] = commits.get(commit, 0) + 1
     if "machine_info" not in merged:  # nothing timed: still name the machine
         from benchmarks.conftest import library_versions
