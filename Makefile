@@ -34,7 +34,7 @@ $(BENCH_PEERS): $(STAMP)
 # The loss suite (benchmarks/suite): every case in its own pytest-benchmark process, resumable;
 # writes benchmarks/results/suite_<preset>_<device>.json, benchmarks/REPORT.md, plots, and the
 # README's benchmark block. The default CPU preset (medium: N=1024, H=1024, V=32000, N and V swept) takes
-# about 1.5 h on 2 cores; BENCH_PRESET=full is the N=4096 shape (many hours), BENCH_PRESET=gpu on a GPU;
+# about 70 min on 2 cores; BENCH_PRESET=full is the N=4096 shape (many hours), BENCH_PRESET=gpu on a GPU;
 # BENCH_ARGS for more flags (e.g. --losses ce).
 BENCH_PRESET ?= medium
 bench: $(BENCH_PEERS)

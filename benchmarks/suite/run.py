@@ -1,6 +1,6 @@
 """Run the loss suite: every case in its own pytest-benchmark process, resumable, then one merged JSON.
 
-    python -m benchmarks.suite.run --preset medium          # make bench (CPU: N=1024 + sweeps, ~1.5 h on 2 cores)
+    python -m benchmarks.suite.run --preset medium          # make bench (CPU: N=1024 + sweeps, ~70 min on 2 cores)
     python -m benchmarks.suite.run --preset full            # the issue's N=4096 CPU shape + sweeps (many hours)
     python -m benchmarks.suite.run --preset gpu             # on a GPU
     python -m benchmarks.suite.run --preset small --losses ce,kd_online --variants ours,gemm-floor,naive
